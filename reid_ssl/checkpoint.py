@@ -1,0 +1,142 @@
+"""The checkpoint contract: the only hand-off from training to eval, index and app.
+
+A checkpoint is a plain dict of tensors and Python scalars/strings/lists/dicts, so
+``torch.load(path, weights_only=True)`` reads it without unpickling code::
+
+    {
+      "format": "reid_ssl.checkpoint", "format_version": 1, "reid_ssl_version": "0.1.0",
+      "backbone": {"name": "resnet18", "feature_dim": 512, "state_dict": {...}, "sha256": "..."},
+      "preprocess": {"height": 128, "width": 64, "mean": [...], "std": [...], "interpolation": "bicubic"},
+      "config": {...resolved config...},
+      "step": int, "epoch": int,
+      # training state, present in training checkpoints (dropped by `export`):
+      "model": {...SSLModel state_dict...}, "optimizer": {...}, "scaler": {...} | None, "rng": {...},
+    }
+
+``backbone.state_dict`` holds the ONLINE backbone (method.md §2.9) with torchvision parameter names.
+Writes are atomic: a temp file in the same folder, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reid_ssl import __version__
+
+FORMAT = "reid_ssl.checkpoint"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable reid_ssl checkpoint."""
+
+
+def make_preprocess(
+    height: int,
+    width: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    interpolation: str = "bicubic",
+) -> dict[str, Any]:
+    """The preprocessing block every checkpoint carries (eval, index and app build their transform from it)."""
+    return {
+        "height": int(height),
+        "width": int(width),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": interpolation,
+    }
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Hash of a state dict's names, dtypes, shapes and values: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def backbone_block(name: str, feature_dim: int, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``backbone`` entry: weights on CPU plus their hash."""
+    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    return {"name": name, "feature_dim": int(feature_dim), "state_dict": sd, "sha256": state_dict_sha256(sd)}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Atomically save a checkpoint dict (adds the format header). Returns the path."""
+    for key in ("backbone", "preprocess", "config"):
+        if key not in payload:
+            raise CheckpointError(f"checkpoint payload lacks {key!r}")
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "reid_ssl_version": __version__, **payload}
+    buf = io.BytesIO()
+    torch.save(full, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint with ``weights_only=True`` (no code in the file can run).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a reid_ssl checkpoint, a pickle that needs arbitrary code, or corrupt weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a loadable reid_ssl checkpoint (refused by the safe loader: {first[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a reid_ssl checkpoint (no '{FORMAT}' header)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {ckpt['format_version']}, newer than this "
+            f"reid_ssl ({FORMAT_VERSION}); upgrade reid_ssl"
+        )
+    bb = ckpt.get("backbone")
+    if not isinstance(bb, dict) or not {"name", "state_dict", "sha256"} <= set(bb):
+        raise CheckpointError(f"{path} has no backbone block")
+    if state_dict_sha256(bb["state_dict"]) != bb["sha256"]:
+        raise CheckpointError(f"{path}: backbone weights do not match their recorded sha256 (corrupt file?)")
+    return ckpt

@@ -1,0 +1,96 @@
+"""Typed defaults, strict overrides, and the shipped YAML files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reid_ssl.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = load_config()
+    assert cfg == Config()
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_paper_configs_carry_the_reference_hyperparameters():
+    cfg = load_config(CONFIGS / "imagenet_r50_paper.yaml")
+    assert (cfg.model.backbone, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("resnet50", "lars", 4.8, 1e-6)
+    assert (cfg.loss.k_lo, cfg.loss.k_hi, cfg.loss.gamma, cfg.loss.margin) == (2, 10, 2.0, 100.0)
+    assert (cfg.train.batch_size, cfg.train.accumulate, cfg.optim.ema_start) == (196, 4, 0.99)
+    assert cfg.model.multires_online == (96, 224) and cfg.model.multires_target == (128, 224)
+    sysu = load_config(CONFIGS / "sysu30k_r50_paper.yaml")
+    assert sysu.model.init.endswith("imagenet_r50_paper/checkpoint.pt")
+    assert (sysu.train.epochs, sysu.optim.warmup_epochs, sysu.train.accumulate) == (10, 2, 8)
+    assert (sysu.data.eval_height, sysu.data.eval_width) == (256, 128)
+
+
+def test_the_cpu_default_file_restates_the_builtin_defaults():
+    cfg = load_config(CONFIGS / "pets09_r18_cpu.yaml")
+    default = Config()
+    assert cfg.model == default.model and cfg.optim == default.optim and cfg.data == default.data
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'.*lr"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer'"):
+        load_config(overrides=["optimizer.lr=0.1"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.epochs=three", "expects an integer"),
+        ("train.epochs=1.5", "expects an integer"),
+        ("optim.lr=fast", "expects a number"),
+        ("model.multires=maybe", "true/false"),
+        ("model.multires_online=[1, 2, 3]", "list of 2"),
+        ("loss.name=triplet", "not one of"),
+        ("loss.k_lo=11", "k_lo <= k_hi"),
+        ("train.batch_size=8", "fewer than loss.k_hi"),
+        ("model.target=shared", "only makes sense"),
+        ("train.epochs", "section.key=value"),
+        ("epochs=3", "section.key"),
+    ],
+)
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_overrides_apply_after_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.1\ntrain:\n  epochs: 3\n")
+    cfg = load_config(f, ["optim.lr=0.2", "model.multires_online=[64, 224]", "model.multires=false"])
+    assert cfg.optim.lr == 0.2 and cfg.train.epochs == 3
+    assert cfg.model.multires_online == (64, 224) and cfg.model.multires is False
+
+
+def test_parse_overrides_nests_and_parses_yaml_scalars():
+    assert parse_overrides(["a.b=1", "a.c=x", "d.e=true"]) == {"a": {"b": 1, "c": "x"}, "d": {"e": True}}
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(notmap)
