@@ -67,3 +67,36 @@ def image_folder(tmp_path: Path) -> Path:
         for n in range(5):
             write_person_image(root / f"{pid:04d}" / f"{n}.jpg", pid, rng)
     return root
+
+
+def write_market_tree(
+    root: Path,
+    train_ids: range = range(1, 7),
+    test_ids: range = range(11, 16),
+    per_cam: int = 2,
+    cams: int = 3,
+    seed: int = 0,
+) -> Path:
+    """A Market-1501 layout: ``bounding_box_train/``, ``query/`` (one image per test id and camera 1) and
+    ``bounding_box_test/`` (``per_cam`` images per test id and camera, plus ``0000`` distractors and ``-1`` junk).
+    """
+    rng = np.random.default_rng(seed)
+    for pid in train_ids:
+        for cam in range(1, cams + 1):
+            for n in range(per_cam):
+                write_person_image(root / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{n:06d}_00.jpg", pid, rng)
+    for pid in test_ids:
+        write_person_image(root / "query" / f"{pid:04d}_c1s1_000000_00.jpg", pid, rng)
+        for cam in range(1, cams + 1):
+            for n in range(per_cam):
+                write_person_image(root / "bounding_box_test" / f"{pid:04d}_c{cam}s1_{n + 1:06d}_00.jpg", pid, rng)
+    for n in range(3):
+        write_person_image(root / "bounding_box_test" / f"0000_c{n % cams + 1}s1_{n:06d}_00.jpg", 900 + n, rng)
+        write_person_image(root / "bounding_box_test" / f"-1_c{n % cams + 1}s1_{n:06d}_00.jpg", 950 + n, rng)
+    return root
+
+
+@pytest.fixture
+def market_tree(tmp_path: Path) -> Path:
+    """A small Market-1501 tree (see :func:`write_market_tree`)."""
+    return write_market_tree(tmp_path / "market")
