@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from reid_ssl import __version__
 from reid_ssl.commands import COMMANDS
-from reid_ssl.commands.common import UserError, one_line
+from reid_ssl.commands.common import USER_ERRORS, UserError, one_line
 
 DESCRIPTION = """\
 Self-supervised person re-identification (truncated triplet loss, Wang et al., ICCV 2021).
@@ -57,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reid_ssl: interrupted", file=sys.stderr)
         return 130
-    except UserError as e:
-        print(f"reid_ssl {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, *USER_ERRORS) as e:  # bad input: a path, a layout, a value
+        print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # one clear line instead of a traceback wall; REID_SSL_DEBUG=1 shows it
         if os.environ.get("REID_SSL_DEBUG"):

@@ -91,6 +91,22 @@ def truncated_triplet_loss(
     return F.relu(gamma * d_pos - d_neg + margin).mean()
 
 
+@torch.no_grad()
+def similarity_stats(p: torch.Tensor, z: torch.Tensor, k_lo: int = 2, k_hi: int = 10) -> dict[str, float]:
+    """Diagnostics for the training log: mean positive cosine, mean deputy cosine, mean negative cosine, and
+    the per-dimension std of the normalised targets (near 0 means the representation has collapsed).
+    """
+    p = F.normalize(_upcast(p), dim=1)
+    z = F.normalize(_upcast(z), dim=1)
+    cos = p @ z.t()
+    n, m = cos.shape
+    k_hi = min(k_hi, m - 1)
+    deputy = -0.5 * deputy_distances(-2.0 * cos, min(k_lo, k_hi), k_hi)
+    off = cos.masked_fill(torch.eye(n, m, dtype=torch.bool, device=cos.device), float("nan"))
+    return {"pos_cos": cos.diagonal().mean().item(), "deputy_cos": deputy.mean().item(),
+            "neg_cos": off.nanmean().item(), "target_std": z.std(dim=0).mean().item()}
+
+
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL regression loss ``2 - 2 cos(p_i, z_i)`` averaged over rows [1].
 

@@ -31,7 +31,7 @@ from reid_ssl.checkpoint import backbone_block, load_checkpoint, make_preprocess
 from reid_ssl.config import Config, from_dict, to_dict
 from reid_ssl.data import EpochSampler, two_view_dataset
 from reid_ssl.embedder import Embedder, resolve_device
-from reid_ssl.losses import build_loss, prob_rank_k_true_negative
+from reid_ssl.losses import build_loss, prob_rank_k_true_negative, similarity_stats
 from reid_ssl.models import SSLModel, update_target
 from reid_ssl.optim import build_optimizer, cosine_schedule, warmup_cosine_lr
 
@@ -420,10 +420,11 @@ def train(
                         "ema_momentum": momentum,
                         "img_per_s": rate,
                         "time": time.time(),
+                        **similarity_stats(p1, z2, cfg.loss.k_lo, cfg.loss.k_hi),
                     }
                     _append_jsonl(metrics_file, record)
                     if writer is not None:
-                        for k in ("loss", "lr", "ema_momentum", "img_per_s"):
+                        for k in ("loss", "lr", "ema_momentum", "img_per_s", "pos_cos", "deputy_cos", "target_std"):
                             writer.add_scalar(f"train/{k}", record[k], step)
             if step % cfg.train.checkpoint_every_steps == 0:
                 save(epoch, batch_in_epoch + micro)
