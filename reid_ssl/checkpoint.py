@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,11 +123,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # Quote only what was refused, never torch's advice to retry with weights_only=False.
+        refused = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(e))
+        reason = refused.group(0) if refused else f"not a torch checkpoint, or damaged ({type(e).__name__})"
         raise CheckpointError(
-            f"{path} is not a loadable reid_ssl checkpoint (refused by the safe loader: {first[:200]})"
+            f"{path} is not a loadable reid_ssl checkpoint (the safe loader refused it: {reason}); "
+            "reid_ssl never unpickles code from a checkpoint"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a reid_ssl checkpoint (no '{FORMAT}' header)")

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 
 from reid_ssl.images import is_image_name
+from reid_ssl.optim import warmup_cosine_lr
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -225,7 +226,7 @@ def linear_probe(
         order = torch.randperm(len(xtr), generator=gen)
         for start in range(0, len(xtr), batch_size):
             for group in opt.param_groups:
-                group["lr"] = warmup_cosine(step, total, warmup, lr)
+                group["lr"] = warmup_cosine_lr(step, total, lr, warmup)
             idx = order[start : start + batch_size]
             loss = F.cross_entropy(head(xtr[idx]), ytr[idx])
             opt.zero_grad(set_to_none=True)
@@ -236,14 +237,6 @@ def linear_probe(
     with torch.no_grad():
         result = _topk_accuracy(head(xte), torch.as_tensor(np.asarray(test_labels, np.int64)))
     return {**result, "epochs": epochs, "lr": lr, "batch_size": batch_size, "final_train_loss": loss_value}
-
-
-def warmup_cosine(step: int, total: int, warmup: int, base_lr: float) -> float:
-    """Linear warmup from ``1e-4 * base_lr`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return base_lr * (1e-4 + (1 - 1e-4) * step / warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the unlabeled images come from. Labels never reach the SSL step."""
 
-    source: str = "pets09"  # folder | list | imagenet | sysu30k | market1501 | dukemtmcreid | msmt17 | pets09
+    source: str = (
+        "pets09"  # folder | list | imagenet | sysu30k | market1501 | dukemtmcreid | msmt17 | pets09 | fashion_mnist
+    )
     root: str = "data/pets09"  # dataset root (for "list": the folder the listed paths are relative to)
     list_file: str = ""  # for source "list" (and optional for sysu30k: defaults to meta/train.txt)
     height: int = 128  # training crop size (H x W)
@@ -65,7 +67,7 @@ class AugmentConfig:
 class ModelConfig:
     """Online/target networks (method.md §1.1, §2.1-2.3)."""
 
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet18_small (3x3 stem for tiny images)
     proj_hidden_dim: int = 4096
     proj_dim: int = 256
     pred_hidden_dim: int = 4096
@@ -153,10 +155,11 @@ _CHOICES = {
         "dukemtmcreid",
         "msmt17",
         "pets09",
+        "fashion_mnist",
     ),
     "data.positives": ("augment", "bag"),
     "data.bad_images": ("skip", "fail"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet18_small"),
     "model.target": ("ema", "shared"),
     "loss.name": ("truncated_triplet", "median_triplet", "byol", "simclr"),
     "optim.name": ("lars", "sgd", "adamw"),

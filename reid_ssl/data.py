@@ -8,6 +8,7 @@ folders ARE labels (ImageNet classes, Market-1501 pids) give no bags, so labels 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SSLItem:
-    path: Path
+    path: Path | None  # None: the image is row ``index`` of an in-memory array (Fashion-MNIST)
     bag: int = -1  # -1: no bag known
+    index: int = -1
 
 
 class LayoutError(FileNotFoundError):
@@ -158,6 +160,19 @@ def pets09_source(root: Path) -> list[SSLItem]:
     return folder_source(train)
 
 
+@functools.lru_cache(maxsize=2)
+def fashion_mnist_images(root: str) -> np.ndarray:
+    """The 60,000 Fashion-MNIST training images (N, 28, 28) uint8; their labels are never returned."""
+    from reid_ssl.classify import FASHION_MNIST_ROOT, load_fashion_mnist
+
+    return load_fashion_mnist(root if root not in ("", ".") else FASHION_MNIST_ROOT, "train")[0]
+
+
+def fashion_mnist_source(root: Path) -> list[SSLItem]:
+    """Fashion-MNIST training images as in-memory items (``root``: the folder of the idx files); no bags."""
+    return [SSLItem(None, -1, i) for i in range(len(fashion_mnist_images(str(root))))]
+
+
 def build_source(cfg: DataConfig) -> list[SSLItem]:
     """The items of ``cfg.source``; files that are empty or not named like images are dropped (and counted)."""
     root = Path(cfg.root)
@@ -171,6 +186,8 @@ def build_source(cfg: DataConfig) -> list[SSLItem]:
         items = sysu30k_source(root, Path(cfg.list_file) if cfg.list_file else None)
     elif cfg.source == "pets09":
         items = pets09_source(root)
+    elif cfg.source == "fashion_mnist":
+        items = fashion_mnist_source(root)
     elif cfg.source in _TRAIN_DIRS:
         items = reid_train_source(cfg.source, root)
     else:
@@ -242,8 +259,15 @@ class TwoViewDataset(Dataset):
     the training loop, which counts it (``data.bad_images="skip"``) or stops (``"fail"``).
     """
 
-    def __init__(self, items: list[SSLItem], view_a: T.Compose, view_b: T.Compose, bag_positives: bool) -> None:
-        self.items, self.view_a, self.view_b = items, view_a, view_b
+    def __init__(
+        self,
+        items: list[SSLItem],
+        view_a: T.Compose,
+        view_b: T.Compose,
+        bag_positives: bool,
+        array: np.ndarray | None = None,
+    ) -> None:
+        self.items, self.view_a, self.view_b, self.array = items, view_a, view_b, array
         self.bags: dict[int, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             if item.bag >= 0:
@@ -255,6 +279,12 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _open(self, item: SSLItem) -> Image.Image:
+        if item.path is None:
+            assert self.array is not None, "in-memory items need the dataset's array"
+            return Image.fromarray(self.array[item.index]).convert("RGB")
+        return open_rgb(item.path)
+
     def _partner(self, i: int) -> int:
         bag = self.bags.get(self.items[i].bag) if self.bag_positives else None
         return random.choice(bag) if bag else i
@@ -264,8 +294,8 @@ class TwoViewDataset(Dataset):
         for _ in range(10):
             j = self._partner(i)
             try:
-                first = open_rgb(self.items[i].path)
-                second = first if j == i else open_rgb(self.items[j].path)
+                first = self._open(self.items[i])
+                second = first if j == i else self._open(self.items[j])
                 return self.view_a(first), self.view_b(second), "\n".join(reasons)
             except ImageError as e:
                 reasons.append(str(e))
@@ -278,7 +308,8 @@ def two_view_dataset(data: DataConfig, aug: AugmentConfig, items: list[SSLItem] 
     items = items if items is not None else build_source(data)
     view_a = view_transform(aug, data.height, data.width, aug.blur_a, aug.solarize_a)
     view_b = view_transform(aug, data.height, data.width, aug.blur_b, aug.solarize_b)
-    return TwoViewDataset(items, view_a, view_b, bag_positives=data.positives == "bag")
+    array = fashion_mnist_images(data.root) if data.source == "fashion_mnist" else None
+    return TwoViewDataset(items, view_a, view_b, bag_positives=data.positives == "bag", array=array)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,11 +28,15 @@ class ResNetTrunk(nn.Module):
     into torchvision and torchreid ResNets without renaming (torchreid.md).
     """
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, small_input: bool = False) -> None:
         super().__init__()
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         self.feature_dim: int = net.fc.in_features
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        if small_input:  # CIFAR-style stem for 28-64 px images: 3x3 stride-1 conv, no max-pool
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.maxpool = nn.Identity()
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +51,8 @@ BACKBONES: dict[str, Callable[[], ResNetTrunk]] = {
     "resnet18": lambda: ResNetTrunk(18),
     "resnet34": lambda: ResNetTrunk(34),
     "resnet50": lambda: ResNetTrunk(50),
+    # small images (Fashion-MNIST, CIFAR): same parameter names, 3x3 stem; not loadable into torchreid
+    "resnet18_small": lambda: ResNetTrunk(18, small_input=True),
 }
 
 

@@ -18,7 +18,6 @@ from reid_ssl.classify import (
     load_image_folder,
     per_class_subset,
     read_idx,
-    warmup_cosine,
 )
 
 
@@ -113,13 +112,6 @@ def test_knn_and_linear_separate_clusters() -> None:
     assert res["top1"] > 0.95 and res["top5"] == 1.0 and res["final_train_loss"] < 0.5
     shuffled = linear_probe(train, rng.permutation(ytrain), test, ytest, 6, epochs=30, batch_size=32)
     assert shuffled["top1"] < 0.6  # labels carry the signal, not the probe
-
-
-def test_warmup_cosine_schedule() -> None:
-    assert warmup_cosine(0, 100, 10, 1.0) == pytest.approx(1e-4)
-    assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert warmup_cosine(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert warmup_cosine(100, 100, 10, 1.0) == pytest.approx(0.0)
 
 
 def write_imagenet_layout(root: Path, classes: int = 3, train: int = 6, val: int = 3) -> Path:
