@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests read: Chromium for the browser tests, Fashion-MNIST for the classification protocols.
 TEST_APT := chromium chromium-driver dataset-fashion-mnist
 
-.PHONY: demo test install install-test apt-test data app lint bench-smoke clean-runs
+.PHONY: demo test install install-test apt-test data app lint clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 
 from reid_ssl import __version__
+from reid_ssl.fileio import atomic_write_bytes
 
 FORMAT = "reid_ssl.checkpoint"
 FORMAT_VERSION = 1
@@ -74,30 +73,6 @@ def backbone_block(name: str, feature_dim: int, state_dict: Mapping[str, torch.T
     """The ``backbone`` entry: weights on CPU plus their hash."""
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
     return {"name": name, "feature_dim": int(feature_dim), "state_dict": sd, "sha256": state_dict_sha256(sd)}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,16 +31,19 @@ def open_rgb(source: str | Path | Image.Image) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later in a worker
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those images too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now: truncated files fail here, not later in a worker
+                return im.convert("RGB")
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file") from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path}: refused, too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot decode ({e})") from None

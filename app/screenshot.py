@@ -1,0 +1,134 @@
+"""Screenshots of the app for the README, taken in Debian's Chromium (needs the `test` extra: playwright).
+
+    python -m app.screenshot --index runs/pets09_r18/gallery --out docs/img
+
+Starts ``reid_ssl app`` on a free loopback port, searches with one query crop (the first query of the index's
+calibration folder unless ``--query``), excluding the query's camera, and saves ``app_search.png``; with
+``--frame`` it also detects people in that whole frame, clicks one and saves ``app_full_frame.png``.
+Fails if any request leaves loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the app exited before it was ready")
+        try:
+            if httpx.get(url + "gradio_api/info", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the app did not answer at {url}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", default="runs/pets09_r18/gallery")
+    p.add_argument("--out", default="runs/screenshots", help="folder for the PNG files")
+    p.add_argument("--query", help="query crop (default: first image of the index's query folder)")
+    p.add_argument("--frame", help="a whole camera frame for the Full-frame tab (optional)")
+    p.add_argument("--person", type=int, default=1, help="which detected person to click (1-based)")
+    args = p.parse_args(argv)
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from reid_ssl.index import GalleryIndex
+
+    index = GalleryIndex.load(args.index)
+    query = args.query
+    if query is None:
+        folder = Path(index.manifest.get("queries") or "")
+        found = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+        query = str(found[0]) if found else next(iter(index.items(index.ids[:1]).values()))["path"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_TEMP_DIR": tempfile.mkdtemp(prefix="reid_ssl_shot_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reid_ssl.cli", "app", "--index", args.index, "--port", str(port)],
+        env=env,
+        start_new_session=True,
+    )
+    requests: list[str] = []
+    try:
+        _wait_ready(url, proc)
+        expect.set_options(timeout=120_000)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url)
+            page.set_input_files("#query input[type=file]", query)
+            expect(page.locator("#query img").first).to_be_visible()
+            page.locator("#exclude_camera input").check()
+            page.click("#search_button")
+            expect(page.locator("#results .thumbnail-item img").first).to_be_visible()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#results .thumbnail-item img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"
+            )
+            page.screenshot(path=str(out / "app_search.png"), full_page=True)
+            print(f"{out / 'app_search.png'}: {page.locator('#status').inner_text()}")
+            if args.frame:
+                page.get_by_role("tab", name="Full frame").click()
+                page.set_input_files("#frame input[type=file]", args.frame)
+                expect(page.locator("#frame img").first).to_be_visible()
+                page.click("#detect_button")
+                expect(page.locator("#people .thumbnail-item").first).to_be_visible()
+                page.locator("#people .thumbnail-item").nth(args.person - 1).click()
+                expect(page.locator("#frame_results .thumbnail-item img").first).to_be_visible()
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(out / "app_full_frame.png"), full_page=True)
+                print(f"{out / 'app_full_frame.png'}: {page.locator('#frame_status').inner_text()}")
+            browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    outside = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]
+    if outside:
+        print(f"requests left loopback: {outside[:5]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
