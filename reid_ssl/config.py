@@ -122,7 +122,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     out_dir: str = "runs/pets09_r18"
-    checkpoint_every_steps: int = 200  # plus one at the end of every epoch
+    checkpoint_every_steps: int = 200
+    checkpoint_every_epochs: int = 1  # also at the end of every N-th epoch (0: only steps and the end)
     log_every_steps: int = 10
     eval_dataset: str = ""  # e.g. "pets09": rank-1/mAP each epoch on that retrieval split ("" = off)
     eval_root: str = ""
@@ -202,7 +203,9 @@ def validate(cfg: Config) -> Config:
         ),
         (cfg.train.accumulate >= 1 and cfg.train.max_steps >= 0, "train.accumulate >= 1 and max_steps >= 0"),
         (
-            cfg.train.checkpoint_every_steps >= 1 and cfg.train.log_every_steps >= 1,
+            cfg.train.checkpoint_every_steps >= 1
+            and cfg.train.log_every_steps >= 1
+            and cfg.train.checkpoint_every_epochs >= 0,
             "train.checkpoint_every_steps and log_every_steps must be >= 1",
         ),
         (

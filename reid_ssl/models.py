@@ -177,7 +177,10 @@ class SSLModel(nn.Module):
 
         A single ``forward`` keeps DistributedDataParallel's gradient hooks in charge of every online pass.
         """
-        return self.online(v1), self.online(v2), self.target(v1), self.target(v2)
+        p1, p2 = self.online(v1), self.online(v2)
+        if self.target_mode == "shared":  # SimCLR: one pass per view (BN statistics updated once)
+            return p1, p2, p1, p2
+        return p1, p2, self.target(v1), self.target(v2)
 
     def online_parameters(self) -> list[nn.Parameter]:
         """Everything the optimizer updates (the target is excluded: it only moves by EMA)."""

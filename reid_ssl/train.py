@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import random
+import re
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reid_ssl.checkpoint import backbone_block, load_checkpoint, make_preprocess, save_checkpoint
+from reid_ssl.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from reid_ssl.checkpoint import (
+    CheckpointError,
+    backbone_block,
+    load_checkpoint,
+    make_preprocess,
+    save_checkpoint,
+)
 from reid_ssl.config import Config, from_dict, to_dict
 from reid_ssl.data import EpochSampler, two_view_dataset
 from reid_ssl.embedder import Embedder, resolve_device
@@ -132,10 +141,8 @@ def load_backbone_init(model: SSLModel, path: str) -> None:
     """
     try:
         sd = load_checkpoint(path)["backbone"]["state_dict"]
-    except ValueError:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        sd = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-        sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items() if not k.startswith("fc.")}
+    except CheckpointError as e:
+        sd = _plain_state_dict(path, e)
     missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -144,6 +151,26 @@ def load_backbone_init(model: SSLModel, path: str) -> None:
         )
     if model.target_backbone is not None:
         model.target_backbone.load_state_dict(model.backbone.state_dict())
+
+
+def _plain_state_dict(path: str, not_ours: CheckpointError) -> dict[str, torch.Tensor]:
+    """A torchvision-style ResNet state dict (``fc.*`` dropped), read without unpickling code."""
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # quote what was refused, never torch's advice to retry with weights_only=False
+        refused = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(e))
+        raise ValueError(
+            f"model.init={path}: neither a reid_ssl checkpoint nor a plain state dict that loads safely "
+            f"({refused.group(0) if refused else type(e).__name__})"
+        ) from None
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        raise ValueError(f"model.init: {not_ours}")  # a damaged reid_ssl checkpoint: say why it was refused
+    sd = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"model.init={path}: not a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items() if not k.startswith("fc.")}
 
 
 def gather_negatives(z: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -234,6 +261,9 @@ def train(
     # ----- data ----------------------------------------------------------------------------------------
     dataset = two_view_dataset(cfg.data, cfg.augment)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, d.rank, d.world_size)
+    # The loader's own generator seeds its workers; starting an epoch then never draws from the global RNG,
+    # whose state the checkpoint restores (exact resume with num_workers=0).
+    loader_rng = torch.Generator()
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
@@ -242,6 +272,7 @@ def train(
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        generator=loader_rng,
     )
     micro_per_epoch = sampler.batches_per_epoch()
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.accumulate)
@@ -332,6 +363,7 @@ def train(
     bad_images: list[str] = history.setdefault("bad_images", [])
     last_loss = math.nan
     seen, t_start = 0, time.perf_counter()
+    data_s, t_log = 0.0, t_start  # time spent waiting for batches since the last log record
 
     def save(at_epoch: int, at_batch: int) -> Path | None:
         if not d.main:
@@ -352,10 +384,13 @@ def train(
     # ----- epochs ----------------------------------------------------------------------------------------
     while step < total_steps:
         sampler.set_epoch(epoch, batch_in_epoch)
+        loader_rng.manual_seed(cfg.train.seed * 100_003 + epoch * 101 + d.rank)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         micro = 0  # micro-batches done in this pass over the loader
+        t_wait = time.perf_counter()
         for v1, v2, bad in loader:
+            data_s += time.perf_counter() - t_wait
             # ----- bad images: counted, or fatal -----------------------------------------------------------
             for reason in (line for text in bad for line in text.splitlines()):
                 if cfg.data.bad_images == "fail":
@@ -419,10 +454,12 @@ def train(
                         "lr": lr,
                         "ema_momentum": momentum,
                         "img_per_s": rate,
+                        "data_wait_frac": data_s / max(time.perf_counter() - t_log, 1e-9),
                         "time": time.time(),
                         **similarity_stats(p1, z2, cfg.loss.k_lo, cfg.loss.k_hi),
                     }
                     _append_jsonl(metrics_file, record)
+                    data_s, t_log = 0.0, time.perf_counter()
                     if writer is not None:
                         for k in ("loss", "lr", "ema_momentum", "img_per_s", "pos_cos", "deputy_cos", "target_std"):
                             writer.add_scalar(f"train/{k}", record[k], step)
@@ -430,6 +467,7 @@ def train(
                 save(epoch, batch_in_epoch + micro)
             if step >= total_steps:
                 break
+            t_wait = time.perf_counter()
 
         # ----- end of epoch: checkpoint and monitor --------------------------------------------------------
         batch_in_epoch += micro
@@ -450,8 +488,11 @@ def train(
             if writer is not None:
                 for k, v in scores.items():
                     writer.add_scalar(f"eval/{k}", v, step)
-            bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        save(epoch, batch_in_epoch)
+            if progress:
+                bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        every = cfg.train.checkpoint_every_epochs
+        if step >= total_steps or (every and epoch % every == 0):
+            save(epoch, batch_in_epoch)
 
     bar.close()
     if writer is not None:

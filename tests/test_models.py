@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torchvision
 
 from reid_ssl.losses import truncated_triplet_loss
 from reid_ssl.models import BACKBONES, SSLModel, build_backbone, random_resize, update_target
@@ -21,7 +22,8 @@ def test_every_backbone_gives_pooled_features(name):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 64, 32))
     assert out.shape == (2, net.feature_dim)
-    assert set(net.state_dict()) <= set(__import__("torchvision").models.__dict__[name](weights=None).state_dict())
+    torchvision_names = set(getattr(torchvision.models, name.split("_")[0])(weights=None).state_dict())
+    assert set(net.state_dict()) <= torchvision_names  # loads into torchvision / torchreid without renaming
 
 
 def test_unknown_backbone_lists_choices():
@@ -71,6 +73,8 @@ def test_shared_target_is_the_online_network():
     model.eval()
     assert torch.allclose(model.online(x), model.target(x))
     assert model.target(x).requires_grad
+    p1, p2, z1, z2 = model(x, x.flip(3))
+    assert z1 is p1 and z2 is p2  # one pass per view: BN statistics are updated once
 
 
 def test_random_resize_reproduces_the_reference_sizes_at_224():

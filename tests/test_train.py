@@ -55,6 +55,7 @@ def test_cli_smoke_train_writes_a_usable_checkpoint(tmp_path, smoke_images, caps
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     assert records[0]["ema_momentum"] == pytest.approx(0.99) and records[-1]["ema_momentum"] > 0.999
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 and -1 <= r["pos_cos"] <= 1 for r in records)
     assert (out / "loss_curve.png").stat().st_size > 1000
     emb = load_embedder(out / "checkpoint.pt")
     assert emb.embed_images(sorted(smoke_images.rglob("*.jpg"))[:3]).features.shape == (3, 512)
@@ -180,8 +181,12 @@ def test_sigkill_then_resume_finishes_the_same_schedule(tmp_path, smoke_images):
     assert steps[-1] == 24 and set(range(killed_at + 1, 25)) <= set(steps)
 
 
-def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys):
-    """Stopping at a checkpoint and resuming gives the same weights as one uninterrupted run."""
+def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys, monkeypatch):
+    """Interrupting right after a checkpoint and resuming gives the same weights as one uninterrupted run."""
+    import torch
+
+    import reid_ssl.train as train_module
+
     common = [
         "-c",
         SMOKE,
@@ -191,17 +196,21 @@ def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys):
         "model.multires=false",
     ]
     cli_json(capsys, ["train", *common, f"train.out_dir={tmp_path / 'a'}"])
-    cli_json(capsys, ["train", *common, f"train.out_dir={tmp_path / 'b'}", "train.max_steps=9"])
-    # continue b with the full schedule: the stored config (max_steps=9) wins on resume, so lift it by hand
-    ckpt_b = tmp_path / "b" / "checkpoint.pt"
-    import torch
 
-    raw = torch.load(ckpt_b, weights_only=True)
-    raw["config"]["train"]["max_steps"] = 0
-    torch.save(raw, ckpt_b)
+    real_save = train_module.save_checkpoint
+
+    def save_then_stop(path, payload):
+        real_save(path, payload)
+        if payload["step"] == 9:
+            raise KeyboardInterrupt  # as if the run were killed right after this checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    assert main(["train", *common, f"train.out_dir={tmp_path / 'b'}"]) == 130
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 9
     cli_json(capsys, ["train", *common, f"train.out_dir={tmp_path / 'b'}", "--resume"])
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["backbone"]["state_dict"]
-    b = load_checkpoint(ckpt_b)["backbone"]["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["backbone"]["state_dict"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
