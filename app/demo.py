@@ -42,9 +42,13 @@ OFFLINE_ENV = {
 
 
 def set_offline_env() -> None:
-    """Keep gradio offline: call before gradio is imported (ui-testing.md)."""
+    """Keep gradio offline: call before gradio is imported (ui-testing.md).
+
+    The values are forced, not defaults: a ``GRADIO_ANALYTICS_ENABLED=True`` or ``GRADIO_SHARE=True`` left in
+    the environment never turns telemetry or a share link on.
+    """
     for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+        os.environ[key] = value
     for key in ("NO_PROXY", "no_proxy"):
         hosts = [h for h in os.environ.get(key, "").split(",") if h]
         os.environ[key] = ",".join(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -57,6 +58,29 @@ def make_preprocess(
         "std": [float(s) for s in std],
         "interpolation": interpolation,
     }
+
+
+MAX_SIDE = 4096  # largest input height/width a checkpoint may ask for (a crafted 10^6 x 10^6 would eat the RAM)
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def preprocess_problem(pre: Any) -> str | None:
+    """Why a ``preprocess`` block is unusable or unsafe (``None`` when it is fine)."""
+    if not isinstance(pre, dict):
+        return "no preprocess block"
+    for side in ("height", "width"):
+        v = pre.get(side)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIDE:
+            return f"preprocess {side}={v!r} is not an integer in 1..{MAX_SIDE}"
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        ok = isinstance(v, (list, tuple)) and len(v) in (1, 3)
+        ok = ok and all(isinstance(x, (int, float)) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)
+        if not ok:
+            return f"preprocess {key}={v!r} is not 1 or 3 finite numbers" + (" > 0" if key == "std" else "")
+    if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
+        return f"preprocess interpolation={pre.get('interpolation')!r} is not one of {list(INTERPOLATIONS)}"
+    return None
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -119,6 +143,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     bb = ckpt.get("backbone")
     if not isinstance(bb, dict) or not {"name", "state_dict", "sha256"} <= set(bb):
         raise CheckpointError(f"{path} has no backbone block")
+    if problem := preprocess_problem(ckpt.get("preprocess")):
+        raise CheckpointError(f"{path}: {problem}")
     if state_dict_sha256(bb["state_dict"]) != bb["sha256"]:
         raise CheckpointError(f"{path}: backbone weights do not match their recorded sha256 (corrupt file?)")
     return ckpt

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from reid_ssl import __version__
 from reid_ssl.commands import COMMANDS
@@ -29,10 +30,15 @@ Every command that prints results accepts --json. `reid_ssl <command> --help` ex
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the message and where help is), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="reid_ssl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="reid_ssl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"reid_ssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for register in COMMANDS:

@@ -23,8 +23,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsynced. A failure (full disk, kill) leaves the old file untouched and no temp file behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -34,7 +37,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     fsync_path(path.parent)
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The same kind of OSError (errno kept), saying which file failed and that the old one is intact."""
+    message = f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged"
+    return OSError(e.errno, message) if e.errno is not None else OSError(message)

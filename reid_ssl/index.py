@@ -377,6 +377,14 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _write_faiss(path: Path, index: faiss.Index) -> None:
+    # through a Python file: a failed write (full disk) raises OSError with its errno, not FAISS's RuntimeError
+    with open(path, "wb") as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
@@ -437,9 +445,11 @@ class WriterLock:
 
 def _read_current(folder: Path) -> str | None:
     try:
-        name = (folder / CURRENT).read_text().strip()
+        name = (folder / CURRENT).read_text(errors="replace").strip()
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise NotADirectoryError(f"{folder} is a file, not an index folder") from None
     if not _GEN_RE.match(name):
         raise IndexFormatError(f"{folder}: {CURRENT} names {name[:40]!r}, not a generation folder")
     return name
@@ -706,7 +716,7 @@ class GalleryIndex:
     def _load_generation(cls, folder: Path, gen: Path, mmap: bool) -> GalleryIndex:
         try:
             manifest = json.loads((gen / "manifest.json").read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. a pickle in its place: never unpickled
             raise IndexFormatError(f"{gen / 'manifest.json'} is not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise IndexFormatError(f"{folder} is not a reid_ssl index (no '{FORMAT}' manifest)")
@@ -747,6 +757,8 @@ class GalleryIndex:
     @contextlib.contextmanager
     def open_for_update(cls, folder: str | Path, timeout: float = 60.0) -> Iterator[GalleryIndex]:
         """Lock, load the newest generation, yield it, save it if changed, unlock (the writer's pattern)."""
+        if not is_index(folder):
+            cls.load(folder)  # raises "not found" / "no index" before the lock could create the folder
         lock = WriterLock(folder, timeout).acquire()
         try:
             idx = cls.load(folder)
@@ -1168,7 +1180,14 @@ class GalleryIndex:
             generation = published + 1
             # a save killed between its rename and CURRENT left gen-N unpublished: it is garbage now
             self._collect_garbage(folder, keep=(published, published - 1))
-            self._write_generation(folder, generation)
+            try:
+                self._write_generation(folder, generation)
+            except OSError as e:  # full disk, read-only, quota: say so, and that nothing was lost
+                message = (
+                    f"could not save the index to {folder} ({e.strerror or e}); generation {published} "
+                    "is still the published one, unchanged"
+                )
+                raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
             self._collect_garbage(folder, keep=(generation, generation - 1))
         finally:
             if own_lock is not None:
@@ -1182,8 +1201,7 @@ class GalleryIndex:
         tmp.mkdir(parents=True)
         try:
             if self._index is not None and self.ntotal:
-                faiss.write_index(self._index, str(tmp / "index.faiss"))
-                fsync_path(tmp / "index.faiss")
+                _write_faiss(tmp / "index.faiss", self._index)
             else:
                 _write_file(tmp / "index.faiss", b"")
             _save_npy(tmp / "ids.npy", self._ids)

@@ -103,8 +103,12 @@ def similarity_stats(p: torch.Tensor, z: torch.Tensor, k_lo: int = 2, k_hi: int 
     k_hi = min(k_hi, m - 1)
     deputy = -0.5 * deputy_distances(-2.0 * cos, min(k_lo, k_hi), k_hi)
     off = cos.masked_fill(torch.eye(n, m, dtype=torch.bool, device=cos.device), float("nan"))
-    return {"pos_cos": cos.diagonal().mean().item(), "deputy_cos": deputy.mean().item(),
-            "neg_cos": off.nanmean().item(), "target_std": z.std(dim=0).mean().item()}
+    return {
+        "pos_cos": cos.diagonal().mean().item(),
+        "deputy_cos": deputy.mean().item(),
+        "neg_cos": off.nanmean().item(),
+        "target_std": z.std(dim=0).mean().item(),
+    }
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

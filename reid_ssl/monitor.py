@@ -22,9 +22,20 @@ def retrieval_monitor(dataset: str, root: str, batch_size: int = 128) -> Callabl
         g = embedder.embed_images([p for p, _, _ in split.gallery], batch_size=batch_size)
         qi = [split.query[i] for i in q.ok]
         gi = [split.gallery[i] for i in g.ok]
-        r = evaluate_features(q.features, g.features, [x[1] for x in qi], [x[1] for x in gi],
-                              [x[2] for x in qi], [x[2] for x in gi], max_rank=5)
-        return {"rank1": float(r["cmc"][0]), "rank5": float(r["cmc"][4]), "mAP": float(r["mAP"]),
-                "unreadable": float(len(q.failures) + len(g.failures))}
+        r = evaluate_features(
+            q.features,
+            g.features,
+            [x[1] for x in qi],
+            [x[1] for x in gi],
+            [x[2] for x in qi],
+            [x[2] for x in gi],
+            max_rank=5,
+        )
+        return {
+            "rank1": float(r["cmc"][0]),
+            "rank5": float(r["cmc"][4]),
+            "mAP": float(r["mAP"]),
+            "unreadable": float(len(q.failures) + len(g.failures)),
+        }
 
     return monitor

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     p.add_argument("--checkpoint", help="default: the checkpoint that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=positive_int, default=7860)
+    p.add_argument("--port", type=port_number, default=7860, help="TCP port, 1..65535 (default 7860)")
     p.add_argument("--auth-file", help="file with one user:password per line (required off loopback)")
     p.add_argument(
         "--insecure-no-auth",
@@ -48,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "OpenMP threads made it 50x slower on a busy 2-core machine)",
     )
     p.set_defaults(handler=_handler)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
 
 
 def is_loopback(host: str) -> bool:

@@ -34,6 +34,17 @@ def _bounded_int(limit: int) -> Callable[[str], int]:
     return parse
 
 
+def _workers(text: str) -> int:
+    """argparse type: data loader processes, 0..64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..64, got {value}")
+    return value
+
+
 def _user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Bad paths, layouts and values become one line and exit code 2."""
 
@@ -78,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--chunk-size", type=_bounded_int(1_000_000), default=512, help="images per resumable chunk (default 512)"
     )
     b.add_argument("--batch-size", type=_bounded_int(MAX_BATCH), default=64)
-    b.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    b.add_argument("--workers", type=_workers, default=0, help="data loader worker processes, 0..64 (default 0)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     b.add_argument("--no-calibrate", action="store_true", help="skip the 'no match' threshold calibration")
