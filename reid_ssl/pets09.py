@@ -25,7 +25,7 @@ order), are test tracklets when their position in that list is ``test_offset`` m
 least ``min_train_len`` (5) boxes are train tracklets. Each tracklet's boxes, in time order, are split into
 halves: the first ``ceil(n / 2)`` boxes are "camera 1", the rest "camera 2". There is one real camera; the two
 "cameras" are time windows, so the Market rule that drops gallery items with the query's pid *and* camid
-removes the near-duplicate neighbouring frames. Queries are ``queries_per_tracklet`` (2) evenly spaced
+removes the near-duplicate neighbouring frames. Queries are ``queries_per_tracklet`` (8) evenly spaced
 camera-1 boxes of each test tracklet; the gallery (``bounding_box_test/``) is every other box of every test
 tracklet. Train tracklets are mirrored in ``bounding_box_train/`` with the same naming.
 
@@ -663,7 +663,7 @@ def split_tracklets(
     min_test_len: int = 25,
     test_every: int = 2,
     test_offset: int = 0,
-    queries_per_tracklet: int = 2,
+    queries_per_tracklet: int = 8,
 ) -> list[SplitItem]:
     """Assign every box to train, query or gallery (the protocol of the module docstring).
 
@@ -726,7 +726,7 @@ def build_pets09(
     min_test_len: int = 25,
     test_every: int = 2,
     test_offset: int = 0,
-    queries_per_tracklet: int = 2,
+    queries_per_tracklet: int = 8,
     jpeg_quality: int = 95,
     check_video: bool | None = None,
 ) -> dict[str, Any]:

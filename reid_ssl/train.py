@@ -275,6 +275,12 @@ def train(
         generator=loader_rng,
     )
     micro_per_epoch = sampler.batches_per_epoch()
+    if micro_per_epoch < cfg.train.accumulate:
+        raise ValueError(
+            f"{len(dataset)} images give {micro_per_epoch} batches of {cfg.train.batch_size} per process and epoch, "
+            f"fewer than train.accumulate={cfg.train.accumulate} needs for one optimizer step; "
+            "lower train.accumulate or train.batch_size"
+        )
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.accumulate)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -323,12 +329,14 @@ def train(
         model = torch.compile(model)
 
     step, epoch, batch_in_epoch = 0, 0, 0
+    resumed_at: int | None = None
     history: dict[str, Any] = {"monitor": []}
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         step, epoch, batch_in_epoch = resumed["step"], resumed["epoch"], resumed["batch_in_epoch"]
+        resumed_at = step
         history = resumed.get("history", history)
         set_rng_state(resumed["rng"])
         if d.main:
@@ -507,6 +515,7 @@ def train(
         "seconds": elapsed,
         "bad_images": len(bad_images),
         "monitor": history["monitor"][-1] if history["monitor"] else {},
+        "resumed_at_step": resumed_at,
     }
     if d.main:
         plot_loss_curve(metrics_file, out_dir / "loss_curve.png")

@@ -290,7 +290,9 @@ def _tracks(lengths: dict[int, int], start: int = 0) -> list[TrackBox]:
 
 def test_split_tracklets_protocol() -> None:
     lengths = {1: 30, 2: 25, 3: 4, 4: 21, 5: 40, 6: 20, 7: 8, 8: 19, 9: 22}
-    items = pets09.split_tracklets(_tracks(lengths), min_test_len=20, test_every=3, test_offset=1)
+    items = pets09.split_tracklets(
+        _tracks(lengths), min_test_len=20, test_every=3, test_offset=1, queries_per_tracklet=2
+    )
     # tracklets with >= 20 boxes, by id: 1 2 4 5 6 9 -> every 3rd from the 2nd: 2 and 6
     test = {i.box.track for i in items if i.subset != "train"}
     train = {i.box.track for i in items if i.subset == "train"}
@@ -306,6 +308,10 @@ def test_split_tracklets_protocol() -> None:
         assert max(cam1_frames) < min(cam2_frames)
     # queries are spread over the camera-1 half: 25 boxes -> 13 in c1 -> positions 3 and 9
     assert sorted(i.box.frame for i in items if i.box.track == 2 and i.subset == "query") == [3, 9]
+    # the default takes 8 queries per test tracklet, all from its camera-1 half
+    default = pets09.split_tracklets(_tracks(lengths), min_test_len=20, test_every=3, test_offset=1)
+    queries = [i for i in default if i.box.track == 2 and i.subset == "query"]
+    assert len(queries) == 8 and all(q.camid == 1 for q in queries)
 
 
 def test_market_name_is_parsed_back() -> None:
@@ -356,8 +362,8 @@ def test_build_pets09_layout_and_resume(tmp_path: Path, synthetic_video: tuple[P
         "train_tracklets": 3,
         "train_crops": 120,
         "test_tracklets": 3,
-        "query": 6,
-        "gallery": 114,
+        "query": 24,
+        "gallery": 96,
     }
     assert manifest["frames"] == 40 and manifest["frame_size"] == [256, 96]
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -366,8 +372,8 @@ def test_build_pets09_layout_and_resume(tmp_path: Path, synthetic_video: tuple[P
     assert (out / "train" / "0003" / "000007.jpg").is_file()
     market = out / "market"
     assert len(list((market / "bounding_box_train").glob("*.jpg"))) == 120
-    assert len(list((market / "query").glob("*.jpg"))) == 6
-    assert len(list((market / "bounding_box_test").glob("*.jpg"))) == 114
+    assert len(list((market / "query").glob("*.jpg"))) == 24
+    assert len(list((market / "bounding_box_test").glob("*.jpg"))) == 96
     assert (market / "bounding_box_test" / "0002_c2s1_000039_00.jpg").is_file()
     crop = cv2.imread(str(market / "bounding_box_test" / "0006_c1s1_000000_00.jpg"))
     assert crop.shape == (48, 16, 3)  # clipped at x = 256
@@ -377,7 +383,7 @@ def test_build_pets09_layout_and_resume(tmp_path: Path, synthetic_video: tuple[P
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
     # Every person has its own colour: the histogram baseline is perfect.
     result = pets09.histogram_baseline(market)
-    assert (result["num_query"], result["num_valid_query"], result["num_gallery"]) == (6, 6, 114)
+    assert (result["num_query"], result["num_valid_query"], result["num_gallery"]) == (24, 24, 96)
     assert result["rank1"] == 1.0 and result["mAP"] == pytest.approx(1.0)
 
     # Complete output with the same tracks and protocol: nothing is rewritten.
@@ -455,11 +461,11 @@ def test_real_split_counts_and_histogram_baseline(real_video: Path, tmp_path: Pa
         "train_tracklets": 65,
         "train_crops": 2244,
         "test_tracklets": 23,
-        "query": 46,
-        "gallery": 1227,
+        "query": 184,
+        "gallery": 1089,
     }
     assert manifest["frames"] == 795 and manifest["video_sha256"] == pets09.VIDEO_SHA256
     result = pets09.histogram_baseline(tmp_path / "pets09" / "market")
     # JPEG coding may differ a little between builds of libjpeg; the ranking barely moves.
-    assert result["rank1"] == pytest.approx(0.370, abs=0.05)
-    assert result["mAP"] == pytest.approx(0.330, abs=0.05)
+    assert result["rank1"] == pytest.approx(0.473, abs=0.05)
+    assert result["mAP"] == pytest.approx(0.363, abs=0.05)
