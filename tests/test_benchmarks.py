@@ -189,6 +189,26 @@ def test_throughput_smoke(smoke):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not HAVE_PETS09, reason="PETS09 crops not built (make data)")
+def test_pets09_default_smoke(tmp_path):
+    """The README table's script on the real split, with an untrained checkpoint standing in for the demo's."""
+    from tests.conftest import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "c.pt", height=64, width=32, seed=7)
+    out = tmp_path / "pets09.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/bench_pets09_default.py"), "--smoke", "--checkpoint", str(ckpt)]
+    done = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    models = [r["model"] for r in result["rows"]]
+    assert len(models) == 3 and "random init (seed 0)" in models[1] and "histogram" in models[2]
+    assert result["num_query"] == 184 and result["rows"][0]["test_size"] == "64x32"
+    for row in result["rows"]:
+        assert 0 < row["mAP"] <= 1 and row["rank1"] <= row["rank5"] <= row["rank10"] <= 1
+    # the histogram row is the documented baseline (datasets/README.md)
+    assert abs(result["rows"][2]["rank1"] - 0.473) < 0.05
+
+
 def test_mean_spread_uses_the_sample_std_and_ignores_missing_values():
     s = common.mean_spread([0.5, 0.7, None, float("nan")])
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(math.sqrt(0.02)) and s["n"] == 2
