@@ -27,28 +27,17 @@ from common import PETS09_ROOT, REPO, default_out, finish, header, markdown_tabl
 from reid_ssl import pets09
 from reid_ssl.checkpoint import load_checkpoint, make_preprocess, state_dict_sha256
 from reid_ssl.embedder import Embedder, backbone_from_checkpoint
-from reid_ssl.evaluate import evaluate_features
 from reid_ssl.models import build_backbone
+from reid_ssl.monitor import retrieval_monitor
 from reid_ssl.reid_data import load_split
 
 
 def retrieval(embedder: Embedder, root: str) -> dict[str, float]:
     """Rank-1/5/10 and mAP of one embedder on the PETS09 split (every crop must decode)."""
-    split = load_split("pets09", root)
-    q = embedder.embed_images([p for p, _, _ in split.query])
-    g = embedder.embed_images([p for p, _, _ in split.gallery])
-    if q.failures or g.failures:
-        raise RuntimeError(f"unreadable crops in {root}: {(q.failures + g.failures)[:3]}")
-    r = evaluate_features(
-        q.features,
-        g.features,
-        [x[1] for x in split.query],
-        [x[1] for x in split.gallery],
-        [x[2] for x in split.query],
-        [x[2] for x in split.gallery],
-        max_rank=10,
-    )
-    return {"rank1": float(r["cmc"][0]), "rank5": float(r["cmc"][4]), "rank10": float(r["cmc"][9]), "mAP": r["mAP"]}
+    scores = retrieval_monitor("pets09", root)(embedder)
+    if scores.pop("unreadable"):
+        raise RuntimeError(f"unreadable crops in {root}: rebuild it with `reid_ssl prepare pets09`")
+    return scores
 
 
 def random_backbone_rows(name: str, preprocess: dict[str, Any], seeds: list[int], root: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from reid_ssl.reid_data import load_split
 
 
 def retrieval_monitor(dataset: str, root: str, batch_size: int = 128) -> Callable[[Embedder], dict[str, float]]:
-    """A callable that embeds the split's query and gallery and returns rank-1, rank-5 and mAP.
+    """A callable that embeds the split's query and gallery and returns rank-1, rank-5, rank-10 and mAP.
 
     The split is read now, so a wrong layout fails before training starts, not after the first epoch.
     Images that fail to decode are counted in ``unreadable`` (never silently dropped).
@@ -29,11 +29,12 @@ def retrieval_monitor(dataset: str, root: str, batch_size: int = 128) -> Callabl
             [x[1] for x in gi],
             [x[2] for x in qi],
             [x[2] for x in gi],
-            max_rank=5,
+            max_rank=10,
         )
         return {
             "rank1": float(r["cmc"][0]),
             "rank5": float(r["cmc"][4]),
+            "rank10": float(r["cmc"][9]),
             "mAP": float(r["mAP"]),
             "unreadable": float(len(q.failures) + len(g.failures)),
         }
