@@ -67,6 +67,7 @@ from reid_ssl.index import (  # noqa: E402
     IndexLockedError,
     SearchHit,
     current_generation,
+    describe_calibration,
     parse_market_name,
 )
 
@@ -102,8 +103,8 @@ def verdict(hits: Sequence[SearchHit], threshold: float | None) -> str:
     best = hits[0].score
     if threshold is None:
         return (
-            f"Best score **{best:.3f}**. This index has no calibrated threshold, so every result is "
-            "shown as a candidate."
+            f"Best score **{best:.3f}**. No no-match threshold is in use (this index has no calibrated threshold, "
+            "or the slider is at 0), so every result is shown as a candidate."
         )
     above = sum(h.score >= threshold for h in hits)
     if best >= threshold:
@@ -281,7 +282,7 @@ class GallerySearchApp:
             return [], "The gallery is empty: add images in the **Gallery** tab first."
         k = int(min(max(int(float(k or 10)), 1), MAX_K))
         hits = idx.search(feature, k, exclude_camid=camid)[0]
-        thr = idx.threshold if threshold is None else float(threshold)
+        thr = idx.threshold if threshold is None else (float(threshold) if float(threshold) > 0 else None)
         gallery = [(self.thumbnail(h.path, idx), caption(h)) for h in hits]
         note = f" (camera {camid} excluded)" if camid is not None else ""
         return gallery, verdict(hits, thr) + note
@@ -353,12 +354,7 @@ class GallerySearchApp:
     def stats_markdown(self) -> str:
         idx = self.index
         s = idx.stats()
-        cal = idx.calibration
-        thr = (
-            "not calibrated"
-            if cal is None
-            else f"{cal['threshold']:.3f} (from {cal.get('source', '?')}; TPR {cal['tpr']:.2f}, FPR {cal['fpr']:.2f})"
-        )
+        thr = describe_calibration(idx.calibration)
         rows = [
             ("Images", s["items"]),
             ("Identities / tracklets", s["identities"]),
@@ -457,7 +453,7 @@ def build_demo(
     thr_label = (
         f"No-match threshold (calibrated: {thr:.3f}, {(index.calibration or {}).get('source', '')})"
         if thr is not None
-        else "No-match threshold (this index is not calibrated)"
+        else f"No-match threshold, 0 = off ({describe_calibration(index.calibration)})"
     )
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)

@@ -499,6 +499,24 @@ def _open_db_readonly(path: Path) -> sqlite3.Connection:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def describe_calibration(cal: dict[str, Any] | None) -> str:
+    """One line for tables and the app: the threshold and its quality, or why there is none."""
+    if cal is None:
+        return "not calibrated"
+    quality = f"{cal.get('source', '?')}; TPR {cal['tpr']:.2f}, FPR {cal['fpr']:.2f}"
+    if cal.get("reliable") is False:
+        return (
+            f"off: {cal['threshold']:.4f} would be the best cut, but true and impostor scores overlap "
+            f"(Youden J {cal['youden_j']:.2f} < {MIN_RELIABLE_J}; {quality})"
+        )
+    return f"{cal['threshold']:.4f} ({quality})"
+
+
+# Below this Youden J (balanced accuracy 0.75) true and impostor top-1 scores overlap too much for a verdict:
+# the calibration is stored, but the index offers no threshold (every result is shown as a candidate).
+MIN_RELIABLE_J = 0.5
+
+
 def calibrate_threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
     """Pick the score below which "nobody in the gallery matches".
 
@@ -506,6 +524,7 @@ def calibrate_threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
     queries with their identity removed from the gallery (the best impostor). The threshold maximises
     Youden's J = TPR - FPR (TPR: share of ``pos`` >= t, FPR: share of ``neg`` >= t), i.e. balanced accuracy
     of the match / no-match decision; candidates are midpoints between consecutive observed scores.
+    ``reliable`` is False when the best J is under :data:`MIN_RELIABLE_J`.
     """
     pos = np.asarray(pos, np.float64)
     neg = np.asarray(neg, np.float64)
@@ -523,6 +542,7 @@ def calibrate_threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
         "tpr": float(tpr[best]),
         "fpr": float(fpr[best]),
         "youden_j": float(j[best]),
+        "reliable": bool(j[best] >= MIN_RELIABLE_J),
         "auc": auc,
         "n_pos": len(pos),
         "n_neg": len(neg),
@@ -805,8 +825,9 @@ class GalleryIndex:
 
     @property
     def threshold(self) -> float | None:
+        """The calibrated no-match threshold; None when uncalibrated or the calibration is unreliable."""
         cal = self.calibration
-        return None if cal is None else float(cal["threshold"])
+        return None if cal is None or cal.get("reliable") is False else float(cal["threshold"])
 
     @property
     def spec(self) -> IndexSpec | None:

@@ -126,8 +126,10 @@ def test_no_match_threshold(served):
     q = queries(served)[0]
     _, status = search(served, q, 3, False, "auto", 1.0)
     assert status.startswith("**No match**") and "nobody in the gallery" in status
-    _, status = search(served, q, 3, False, "auto", 0.0)
+    _, status = search(served, q, 3, False, "auto", 0.001)
     assert status.startswith("**Match**")
+    _, status = search(served, q, 3, False, "auto", 0.0)  # the slider's 0 switches the verdict off
+    assert "every result is shown as a candidate" in status
     default = GalleryIndex.load(served["index"]).threshold
     assert default is not None and f"{default:.3f}" in search(served, q, 3)[1]
 

@@ -34,6 +34,7 @@ from reid_ssl.index import (
     build_index,
     calibrate_threshold,
     current_generation,
+    describe_calibration,
     gallery_source,
     index_spec,
     open_set_scores,
@@ -457,6 +458,20 @@ def test_readers_never_see_a_half_written_index(tmp_path):
 def test_calibrate_threshold_separable():
     cal = calibrate_threshold(np.array([0.8, 0.85, 0.9]), np.array([0.3, 0.4, 0.5]))
     assert 0.5 < cal["threshold"] < 0.8 and cal["tpr"] == 1.0 and cal["fpr"] == 0.0 and cal["auc"] == 1.0
+
+
+def test_an_unreliable_calibration_gives_no_threshold():
+    """Overlapping true and impostor scores (Youden J < 0.5) must not produce confident "No match" verdicts."""
+    rng = np.random.default_rng(0)
+    cal = calibrate_threshold(rng.normal(0.95, 0.02, 200), rng.normal(0.95, 0.02, 200))
+    assert cal["youden_j"] < 0.5 and cal["reliable"] is False
+    idx = GalleryIndex.create(info(32), "flat")
+    idx.set_calibration(cal)
+    assert idx.threshold is None and describe_calibration(cal).startswith("off:")
+    good = calibrate_threshold(np.array([0.9, 0.95, 0.97]), np.array([0.5, 0.6, 0.7]))
+    idx.set_calibration(good)
+    assert good["reliable"] and idx.threshold == good["threshold"]
+    assert describe_calibration(None) == "not calibrated" and describe_calibration(good).startswith("0.8")
 
 
 def test_calibrate_threshold_maximises_youden_j_by_brute_force():

@@ -158,7 +158,7 @@ def _embedder_for(idx: Any, checkpoint: str | None, device: str) -> Any:
 @_user_errors
 def _build(args: argparse.Namespace) -> int:
     from reid_ssl.embedder import load_embedder
-    from reid_ssl.index import BuildOptions, build_index, gallery_source
+    from reid_ssl.index import BuildOptions, build_index, describe_calibration, gallery_source
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, barrier, device = 0, None, args.device
@@ -220,12 +220,7 @@ def _build(args: argparse.Namespace) -> int:
             else result["chunks"],
         ),
         ("ranks", world),
-        (
-            "no-match threshold",
-            f"{result['threshold']:.4f} ({cal['source']}, TPR {cal['tpr']:.2f}, FPR {cal['fpr']:.2f})"
-            if isinstance(cal, dict)
-            else (cal or "not calibrated"),
-        ),
+        ("no-match threshold", describe_calibration(cal) if isinstance(cal, dict) else (cal or "not calibrated")),
         ("seconds", result["seconds"]),
     ]
     print_table(rows, title="index built")
@@ -387,19 +382,14 @@ def _search(args: argparse.Namespace) -> int:
 
 @_user_errors
 def _info(args: argparse.Namespace) -> int:
-    from reid_ssl.index import GalleryIndex
+    from reid_ssl.index import GalleryIndex, describe_calibration
 
     info = GalleryIndex.load(args.index).info()
     if args.json:
         print_json(info)
         return 0
     cal = info["calibration"]
-    threshold = (
-        "not calibrated"
-        if cal is None
-        else f"{cal['threshold']:.4f} ({cal['source']}; TPR {cal['tpr']:.2f}, FPR {cal['fpr']:.2f}, "
-        f"AUC {cal['auc']:.2f})"
-    )
+    threshold = describe_calibration(cal) + ("" if cal is None else f", AUC {cal['auc']:.2f}")
     print_table(
         [
             ("path", info["path"]),
