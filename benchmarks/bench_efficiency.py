@@ -70,6 +70,7 @@ def summarize(dataset: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, 
     for method, entry in methods.items():
         row: dict[str, Any] = {"method": method, "seeds": len(entry["runs"])}
         for m in metrics:
+            row[f"untrained_{m}"] = entry["curves"][m]["mean"][0]
             row[f"final_{m}"] = entry["final"][m]["mean"]
             row[f"final_{m}_std"] = entry["final"][m]["std"]
             if "epochs_to_byol_final" in entry:

@@ -226,9 +226,12 @@ def curve_summary(epochs: Sequence[int], curves: Sequence[Sequence[float]]) -> d
 
 
 def first_epoch_reaching(epochs: Sequence[int], values: Sequence[float | None], threshold: float) -> int | None:
-    """The first epoch whose value is >= ``threshold``, or None when the curve never gets there."""
+    """The first training epoch (>= 1) whose value is >= ``threshold``, or None when the curve never gets there.
+
+    Epoch 0 is the untrained network: a method does not "reach" an accuracy by not training.
+    """
     for e, v in zip(epochs, values, strict=True):
-        if v is not None and v >= threshold:
+        if e >= 1 and v is not None and v >= threshold:
             return int(e)
     return None
 

@@ -219,6 +219,8 @@ def test_mean_spread_uses_the_sample_std_and_ignores_missing_values():
 def test_first_epoch_reaching():
     assert common.first_epoch_reaching([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.6], 0.45) == 1
     assert common.first_epoch_reaching([0, 1, 2], [0.1, None, 0.2], 0.3) is None
+    # the untrained network (epoch 0) reaching the threshold does not count as reaching it by training
+    assert common.first_epoch_reaching([0, 1, 2, 3], [0.8, 0.6, 0.7, 0.75], 0.7) == 2
 
 
 def test_curve_summary_per_epoch():
