@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,16 @@ def test_bad_settings_are_refused(tmp_path, checkpoint, market_tree) -> None:
             (no_train / sub / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="no train list"):
         finetune(checkpoint, "market-layout", no_train)
+
+
+PETS09_ROOT = Path(__file__).resolve().parents[1] / "data" / "pets09"
+
+
+@pytest.mark.skipif(not (PETS09_ROOT / "market" / "query").is_dir(), reason="PETS09 crops not built (make data)")
+def test_finetune_on_the_real_pets09_split_through_torchreid(tmp_path, checkpoint) -> None:
+    """torchreid's data manager and engine on real pedestrian crops: 65 train tracklets, then our eval."""
+    out = tmp_path / "ft" / "checkpoint.pt"
+    res = finetune(checkpoint, "pets09", PETS09_ROOT, loss="triplet", batch_size=16, max_steps=3, out=out)
+    assert res["steps"] == 3 and res["num_train_ids"] == 65 and res["num_train_images"] == 2244
+    assert res["skipped_train_images"] == [] and math.isfinite(res["history"][0]["loss_t"])
+    assert load_checkpoint(out)["backbone"]["sha256"] != load_checkpoint(checkpoint)["backbone"]["sha256"]
