@@ -58,7 +58,7 @@ def loss_equivalence(sizes: tuple[int, ...] = (8, 64), dim: int = 32, temperatur
             ref = theirs(p1, p2, z1, z2)
             g_ours = torch.autograd.grad(ours, [p1, p2])
             g_ref = torch.autograd.grad(ref, [p1, p2])
-            worst["value"] = max(worst["value"], abs(float(ours - ref)))
+            worst["value"] = max(worst["value"], abs(float((ours - ref).detach())))
             worst["grad"] = max(
                 worst["grad"], max(float((a - b).abs().max()) for a, b in zip(g_ours, g_ref, strict=True))
             )
