@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 # Keep gradio offline before anything imports it (ui-testing.md).
@@ -100,3 +102,16 @@ def write_market_tree(
 def market_tree(tmp_path: Path) -> Path:
     """A small Market-1501 tree (see :func:`write_market_tree`)."""
     return write_market_tree(tmp_path / "market")
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width x height`` pixels: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+    return path

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_gradio_"))
@@ -18,7 +16,7 @@ os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_gradi
 import httpx
 import numpy as np
 import pytest
-from conftest import write_checkpoint, write_market_tree, write_person_image
+from conftest import png_header_only, write_checkpoint, write_market_tree, write_person_image
 from PIL import Image
 
 from app.demo import GallerySearchApp, build_demo, caption, launch, verdict
@@ -37,19 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

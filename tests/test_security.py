@@ -32,7 +32,6 @@ import tempfile
 import textwrap
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_gradio_"))
@@ -40,7 +39,7 @@ os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_gradi
 import numpy as np
 import pytest
 import torch
-from conftest import write_checkpoint, write_market_tree, write_person_image
+from conftest import png_header_only, write_checkpoint, write_market_tree, write_person_image
 from PIL import Image
 
 from app.demo import GallerySearchApp, build_demo, launch, set_offline_env
@@ -108,19 +107,6 @@ def assert_one_clear_line(code: int, err: str, message: str) -> None:
     assert code != 0, err
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims ``width x height`` pixels: a decompression bomb's calling card."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 class CreatesFile:
