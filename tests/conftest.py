@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -114,4 +115,16 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
+    return path
+
+
+def write_zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
+    """A zip of ``members``; ``symlink`` adds a member of that name that is a symlink to /etc/passwd."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = 0o120777 << 16
+            z.writestr(info, "/etc/passwd")
     return path

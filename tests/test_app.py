@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_gradi
 import httpx
 import numpy as np
 import pytest
-from conftest import png_header_only, write_checkpoint, write_market_tree, write_person_image
+from conftest import png_header_only, write_checkpoint, write_market_tree, write_person_image, write_zip
 from PIL import Image
 
 from app.demo import GallerySearchApp, build_demo, caption, launch, verdict
@@ -229,17 +229,6 @@ def test_gallery_upload_adds_searchable_items_and_persists(served, tmp_path):
     )
 
 
-def _zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink)
-            info.external_attr = 0o120777 << 16
-            z.writestr(info, "/etc/passwd")
-    return path
-
-
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -263,11 +252,11 @@ def test_bad_gallery_uploads_are_refused_and_leave_the_index_alone(served, tmp_p
         "text": lambda: (tmp_path / "a.jpg").write_text("no pixels here") and tmp_path / "a.jpg",
         "truncated": lambda: (tmp_path / "t.jpg").write_bytes(good[:200]) and tmp_path / "t.jpg",
         "pixel-bomb": lambda: png_header_only(tmp_path / "b.png", 30_000, 30_000),
-        "zip-slip": lambda: _zip(tmp_path / "s.zip", {"ok.jpg": good, f"../../{'../' * 10}{escape}": good}),
-        "zip-absolute": lambda: _zip(tmp_path / "s.zip", {str(escape): good}),
-        "zip-symlink": lambda: _zip(tmp_path / "s.zip", {"ok.jpg": good}, symlink="link.jpg"),
-        "zip-bomb": lambda: _zip(tmp_path / "s.zip", {"big.jpg": b"\0" * (8 * 2**20)}),
-        "zip-junk-only": lambda: _zip(tmp_path / "s.zip", {"a.txt": b"x", "b.exe": b"y"}),
+        "zip-slip": lambda: write_zip(tmp_path / "s.zip", {"ok.jpg": good, f"../../{'../' * 10}{escape}": good}),
+        "zip-absolute": lambda: write_zip(tmp_path / "s.zip", {str(escape): good}),
+        "zip-symlink": lambda: write_zip(tmp_path / "s.zip", {"ok.jpg": good}, symlink="link.jpg"),
+        "zip-bomb": lambda: write_zip(tmp_path / "s.zip", {"big.jpg": b"\0" * (8 * 2**20)}),
+        "zip-junk-only": lambda: write_zip(tmp_path / "s.zip", {"a.txt": b"x", "b.exe": b"y"}),
         "not-a-zip": lambda: (tmp_path / "n.zip").write_bytes(b"PK\x03\x04 garbage") and tmp_path / "n.zip",
     }
     path = files[kind]()
@@ -280,16 +269,18 @@ def test_bad_gallery_uploads_are_refused_and_leave_the_index_alone(served, tmp_p
 
 def test_zip_extraction_limits(tmp_path):
     good = write_person_image(tmp_path / "g.jpg", 1, np.random.default_rng(0)).read_bytes()
-    many = _zip(tmp_path / "many.zip", {f"{i}.jpg": good for i in range(30)})
+    many = write_zip(tmp_path / "many.zip", {f"{i}.jpg": good for i in range(30)})
     with pytest.raises(UploadError, match="30 members"):
         safe_extract_zip(many, tmp_path / "out", UploadLimits(max_files=20))
     with pytest.raises(UploadError, match="expand"):
         safe_extract_zip(many, tmp_path / "out", UploadLimits(max_total_bytes=len(good) * 10))
-    written, skipped = safe_extract_zip(_zip(tmp_path / "ok.zip", {"a/b/c.jpg": good, "d.txt": b""}), tmp_path / "out")
+    written, skipped = safe_extract_zip(
+        write_zip(tmp_path / "ok.zip", {"a/b/c.jpg": good, "d.txt": b""}), tmp_path / "out"
+    )
     assert [(p.name, m) for p, m in written] == [("00000_c.jpg", "a/b/c.jpg")]  # flattened, renamed
     assert skipped == [("d.txt", "not an image file name")]
     with pytest.raises(UploadError, match="leaving the archive"):  # any '..' is refused, even one that stays inside
-        safe_extract_zip(_zip(tmp_path / "dots.zip", {"a/../c.jpg": good}), tmp_path / "out2")
+        safe_extract_zip(write_zip(tmp_path / "dots.zip", {"a/../c.jpg": good}), tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
 
 

@@ -39,7 +39,7 @@ os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_gradi
 import numpy as np
 import pytest
 import torch
-from conftest import png_header_only, write_checkpoint, write_market_tree, write_person_image
+from conftest import png_header_only, write_checkpoint, write_market_tree, write_person_image, write_zip
 from PIL import Image
 
 from app.demo import GallerySearchApp, build_demo, launch, set_offline_env
@@ -477,17 +477,6 @@ def test_files_served_symlink_in_the_gallery_pointing_outside_is_never_shown(ser
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink)
-            info.external_attr = 0o120777 << 16
-            z.writestr(info, "/etc/passwd")
-    return path
-
-
 def test_uploads_zip_slip_never_writes_outside_the_target_folder(served, tmp_path):
     good = write_person_image(tmp_path / "good.jpg", 5, np.random.default_rng(0)).read_bytes()
     escape = tmp_path / "escaped.jpg"
@@ -501,7 +490,7 @@ def test_uploads_zip_slip_never_writes_outside_the_target_folder(served, tmp_pat
         "symlink": ({"ok.jpg": good}, "link.jpg", "symbolic link"),
     }
     for name, (members, link, message) in cases.items():
-        z = _zip(tmp_path / f"{name}.zip", members, link)
+        z = write_zip(tmp_path / f"{name}.zip", members, link)
         with pytest.raises(UploadError, match=message):
             safe_extract_zip(z, target)
         assert not escape.exists() and not target.exists(), name
@@ -520,12 +509,12 @@ def test_uploads_zip_bombs_are_refused_with_a_message(tmp_path):
     out = tmp_path / "out"
     # one member that expands 1000:1
     with pytest.raises(UploadError, match="zip bomb"):
-        safe_extract_zip(_zip(tmp_path / "ratio.zip", {"big.jpg": b"\0" * (8 << 20)}), out)
+        safe_extract_zip(write_zip(tmp_path / "ratio.zip", {"big.jpg": b"\0" * (8 << 20)}), out)
     # more members than one upload may hold (default limit: 2000)
     with pytest.raises(UploadError, match="2001 members"):
-        safe_extract_zip(_zip(tmp_path / "count.zip", {f"{i}.jpg": b"x" for i in range(2001)}), out)
+        safe_extract_zip(write_zip(tmp_path / "count.zip", {f"{i}.jpg": b"x" for i in range(2001)}), out)
     # a central directory that claims 4 GB in total (checked before a byte is extracted)
-    data = bytearray(_zip(tmp_path / "claims.zip", {"a.jpg": good}).read_bytes())
+    data = bytearray(write_zip(tmp_path / "claims.zip", {"a.jpg": good}).read_bytes())
     cd = data.rfind(b"PK\x01\x02")
     data[cd + 24 : cd + 28] = struct.pack("<I", 0xFFFFFFF0)
     (tmp_path / "claims.zip").write_bytes(bytes(data))
