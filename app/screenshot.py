@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from playwright.sync_api import expect, sync_playwright
 
-    from reid_ssl.index import GalleryIndex
+    from reid_ssl.index.gallery import GalleryIndex
 
     index = GalleryIndex.load(args.index)
     query = args.query

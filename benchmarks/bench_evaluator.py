@@ -32,8 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_ssl.evaluate import default_threads, evaluate_features, evaluate_rank
-from reid_ssl.reid_data import import_torchreid
+from reid_ssl.eval.metrics import default_threads, evaluate_rank
+from reid_ssl.eval.distances import evaluate_features
+from reid_ssl.data.torchreid_bridge import import_torchreid
 
 
 def market_like(

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_ssl.index import INDEX_TYPES, GalleryIndex, GalleryItem, omp_threads
+from reid_ssl.index.gallery import INDEX_TYPES, GalleryIndex, GalleryItem, omp_threads
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ Rows, all on the PETS09-S2L1 retrieval split (``data/pets09``, Market protocol, 
   and at other test resolutions (the train/test resolution effect behind the 96x48 default);
 * the same architecture with random weights, one row per seed, at the checkpoint's preprocessing: what
   pretraining adds over an untrained ResNet's features;
-* the colour-histogram baseline of :func:`reid_ssl.pets09.histogram_baseline`.
+* the colour-histogram baseline of :func:`reid_ssl.eval.baselines.histogram_baseline`.
 
 Writes ``benchmarks/results/pets09_default.json`` and prints a Markdown table.
 
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from common import PETS09_ROOT, REPO, default_out, finish, header, markdown_table, parse_ints, seed_all, write_json
 
-from reid_ssl import pets09
+from reid_ssl.eval.baselines import histogram_baseline
 from reid_ssl.checkpoint import load_checkpoint, make_preprocess, state_dict_sha256
 from reid_ssl.embedder import Embedder, backbone_from_checkpoint
 from reid_ssl.models import build_backbone
-from reid_ssl.monitor import retrieval_monitor
-from reid_ssl.reid_data import load_split
+from reid_ssl.train.monitor import retrieval_monitor
+from reid_ssl.data.datasets import load_split
 
 
 def retrieval(embedder: Embedder, root: str) -> dict[str, float]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[-1].update(retrieval(emb, args.root))
     seeds = args.seeds[:1] if args.smoke else args.seeds
     rows += random_backbone_rows(ckpt["backbone"]["name"], pre, seeds, args.root)
-    hist = pets09.histogram_baseline(Path(args.root) / "market")
+    hist = histogram_baseline(Path(args.root) / "market")
     rows.append({"model": "colour histogram (3 stripes, 16x8 HSV)", "test_size": "-"})
     rows[-1].update({k: hist[k] for k in ("rank1", "rank5", "rank10", "mAP")})
 

@@ -43,7 +43,7 @@ from reid_ssl.config import Config
 
 def ensure_steps(p: common.Preset, steps: int) -> common.Preset:
     """``p`` with enough epochs (and, on Fashion-MNIST, a subset of exactly one epoch) for ``steps`` steps."""
-    from reid_ssl.data import pets09_source
+    from reid_ssl.data.ssl_sources import pets09_source
 
     if p.dataset == "fashion-mnist":
         p = replace(p, subset=p.batch_size * max(steps, 2))
@@ -54,7 +54,8 @@ def ensure_steps(p: common.Preset, steps: int) -> common.Preset:
 
 def time_ours(cfg: Config, warmup: int) -> dict[str, Any]:
     """Our trainer on ``cfg`` (``train.max_steps`` set): steady img/s after ``warmup`` steps, time to step 1."""
-    from reid_ssl.train import read_metrics, train
+    from reid_ssl.train.logs import read_metrics
+    from reid_ssl.train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="reid_ssl_tput_") as tmp:
         cfg = common.with_overrides(cfg, [f"train.out_dir={tmp}", "train.log_every_steps=1"])
@@ -90,7 +91,8 @@ def time_loader(cfg: Config, batches: int) -> float:
     """Images per second of the training data loader alone (two augmented views per image)."""
     from torch.utils.data import DataLoader
 
-    from reid_ssl.data import EpochSampler, two_view_dataset
+    from reid_ssl.data.sampler import EpochSampler
+    from reid_ssl.data.augment import two_view_dataset
 
     dataset = two_view_dataset(cfg.data, cfg.augment)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, 0)
@@ -232,12 +234,12 @@ def feature_extraction(p: common.Preset, args: argparse.Namespace) -> dict[str, 
 def sample_images(p: common.Preset, n: int) -> list[Any]:
     """``n`` real images of the dataset: PETS09 gallery files or Fashion-MNIST test images."""
     if p.dataset == "pets09":
-        from reid_ssl.reid_data import load_split
+        from reid_ssl.data.datasets import load_split
 
         return [path for path, _, _ in load_split("pets09", p.root).gallery[:n]]
     from PIL import Image
 
-    from reid_ssl.classify import load_fashion_mnist
+    from reid_ssl.data.classification import load_fashion_mnist
 
     x, _ = load_fashion_mnist(p.root, "test")
     return [Image.fromarray(x[i], mode="L") for i in range(min(n, len(x)))]

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from reid_ssl.config import Config, from_dict, load_config, parse_overrides, to_dict  # noqa: E402
+from reid_ssl.config import Config, from_dict, load_config, parse_overrides, to_dict
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 WORK_DIR = REPO / "runs" / "bench"
@@ -385,7 +385,7 @@ class Preset:
     def overrides(self) -> list[str]:
         """``key=value`` overrides that turn the built-in defaults into this preset."""
         h, w = self.size
-        source = "fashion_mnist" if self.dataset == "fashion-mnist" else "pets09"
+        source = self.dataset
         return [
             f"data.source={source}",
             f"data.root={self.root}",
@@ -612,7 +612,7 @@ class KnnMonitor:
     def __init__(self, spec: MonitorSpec, batch_size: int = 256) -> None:
         from PIL import Image
 
-        from reid_ssl.classify import load_fashion_mnist, per_class_subset
+        from reid_ssl.data.classification import load_fashion_mnist, per_class_subset
 
         self.spec, self.batch_size = spec, batch_size
         self.images: dict[str, list[Any]] = {}
@@ -648,7 +648,7 @@ class KnnMonitor:
         return out
 
     def __call__(self, embedder: Any) -> dict[str, float]:
-        from reid_ssl.classify import knn_classify
+        from reid_ssl.eval.classify import knn_classify
 
         f = self.features(embedder)
         r = knn_classify(f["train"], self.labels["train"], f["test"], self.labels["test"], 10, k=20, temperature=0.07)
@@ -656,7 +656,7 @@ class KnnMonitor:
 
     def linear(self, embedder: Any, epochs: int = 100) -> dict[str, float]:
         """Linear probe (:func:`reid_ssl.classify.linear_probe`) trained on the bank, tested on the test subset."""
-        from reid_ssl.classify import linear_probe
+        from reid_ssl.eval.classify import linear_probe
 
         f = self.features(embedder)
         r = linear_probe(f["train"], self.labels["train"], f["test"], self.labels["test"], 10, epochs=epochs)
@@ -672,7 +672,7 @@ def build_monitor(spec: MonitorSpec) -> Monitor:
     if spec.dataset == "fashion-mnist":
         return KnnMonitor(spec)
     if spec.dataset == "pets09":
-        from reid_ssl.monitor import retrieval_monitor
+        from reid_ssl.train.monitor import retrieval_monitor
 
         inner = retrieval_monitor("pets09", spec.root)
         return lambda embedder: {k: v for k, v in inner(embedder).items() if k != "unreadable"}
@@ -715,7 +715,7 @@ def initial_embedder(cfg: Config) -> Any:
     """An Embedder of the backbone that a run with ``cfg`` starts from (same seed, same construction order)."""
     from reid_ssl.checkpoint import make_preprocess
     from reid_ssl.embedder import Embedder
-    from reid_ssl.train import build_model
+    from reid_ssl.train.loop import build_model
 
     seed_all(cfg.train.seed)
     model = build_model(cfg)
@@ -841,7 +841,7 @@ def run_training(
         steps, timed.seconds = int(worker["steps"]), float(worker["monitor_seconds"])
         evals, losses = read_run_metrics(out)
     elif impl == "ours":
-        from reid_ssl.train import train
+        from reid_ssl.train.loop import train
 
         summary = train(cfg, monitor=timed, progress=False)
         steps = int(summary["steps"])
@@ -881,7 +881,7 @@ def run_training(
 
 def ddp_worker(spec_file: Path) -> None:
     """One ``torchrun`` process of :func:`run_training`: train, and on rank 0 monitor and write worker.json."""
-    from reid_ssl.train import train
+    from reid_ssl.train.loop import train
 
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_file).read_text())
@@ -978,10 +978,11 @@ def reference_loop(
     from torch.utils.data import DataLoader
 
     from reid_ssl.checkpoint import make_preprocess
-    from reid_ssl.data import EpochSampler, two_view_dataset
+    from reid_ssl.data.sampler import EpochSampler
+    from reid_ssl.data.augment import two_view_dataset
     from reid_ssl.embedder import Embedder, resolve_device
     from reid_ssl.optim import build_optimizer, warmup_cosine_lr
-    from reid_ssl.train import autocast_context, build_model
+    from reid_ssl.train.loop import autocast_context, build_model
 
     seed_all(cfg.train.seed)
     device = resolve_device(cfg.train.device)

@@ -13,8 +13,9 @@ A checkpoint is a plain dict of tensors and Python scalars/strings/lists/dicts, 
       "model": {...SSLModel state_dict...}, "optimizer": {...}, "scaler": {...} | None, "rng": {...},
     }
 
-``backbone.state_dict`` holds the ONLINE backbone (method.md §2.9) with torchvision parameter names.
-Writes are atomic: a temp file in the same folder, fsync, then ``os.replace``.
+``backbone.state_dict`` holds the ONLINE backbone with torchvision parameter names. Writes are atomic: a temp
+file in the same folder, fsync, then ``os.replace``. This module is also the one place that reads foreign
+weight files (:func:`safe_torch_load`) and maps their key names (:func:`backbone_state_dict`).
 """
 
 from __future__ import annotations
@@ -26,21 +27,21 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from reid_ssl import __version__
+from reid_ssl.errors import CheckpointError, MissingFileError
 from reid_ssl.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from reid_ssl.config import Config
 
 FORMAT = "reid_ssl.checkpoint"
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable reid_ssl checkpoint."""
 
 
 def make_preprocess(
@@ -58,6 +59,12 @@ def make_preprocess(
         "std": [float(s) for s in std],
         "interpolation": interpolation,
     }
+
+
+def preprocess_from_config(cfg: Config) -> dict[str, Any]:
+    """The preprocessing a run's checkpoints carry: ``data.eval_height`` x ``data.eval_width`` (the one place
+    that derives it from a config)."""
+    return make_preprocess(cfg.data.eval_height, cfg.data.eval_width)
 
 
 MAX_SIDE = 4096  # largest input height/width a checkpoint may ask for (a crafted 10^6 x 10^6 would eat the RAM)
@@ -111,28 +118,41 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a checkpoint with ``weights_only=True`` (no code in the file can run).
+def safe_torch_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python values only, never code.
 
     Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: not a reid_ssl checkpoint, a pickle that needs arbitrary code, or corrupt weights.
+        MissingFileError: no such file.
+        CheckpointError: not a torch file, damaged, or a pickle that would need arbitrary code (the message quotes
+            what was refused, never torch's advice to retry unsafely).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
-        # Quote only what was refused, never torch's advice to retry with weights_only=False.
         refused = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(e))
         reason = refused.group(0) if refused else f"not a torch checkpoint, or damaged ({type(e).__name__})"
         raise CheckpointError(
-            f"{path} is not a loadable reid_ssl checkpoint (the safe loader refused it: {reason}); "
-            "reid_ssl never unpickles code from a checkpoint"
+            f"{path} is not a loadable {what} (the safe loader refused it: {reason}); "
+            "reid_ssl never unpickles code from a weights file"
         ) from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a reid_ssl checkpoint with :func:`safe_torch_load` (no code in the file can run).
+
+    Raises:
+        MissingFileError: no such file.
+        CheckpointError: not a reid_ssl checkpoint, a pickle that needs arbitrary code, or corrupt weights.
+    """
+    path = Path(path)
+    ckpt = safe_torch_load(path, "reid_ssl checkpoint")
+    if map_location != "cpu":
+        ckpt = _to_device(ckpt, torch.device(map_location))
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a reid_ssl checkpoint (no '{FORMAT}' header)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
@@ -148,3 +168,67 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if state_dict_sha256(bb["state_dict"]) != bb["sha256"]:
         raise CheckpointError(f"{path}: backbone weights do not match their recorded sha256 (corrupt file?)")
     return ckpt
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Foreign weights: key names of torchvision, torchreid, timm, DDP, torch.compile, SSL wrappers
+# ---------------------------------------------------------------------------------------------------------
+
+# Wrapper prefixes (DDP, torch.compile) stripped everywhere, then the module prefix that holds the backbone.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+BACKBONE_PREFIXES = ("backbone.", "online.backbone.", "online.", "encoder.", "model.")
+CLASSIFIER_PREFIXES = ("classifier.", "fc.", "head.")
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone weights under the backbone's own parameter names, from a state dict with wrapper prefixes.
+
+    ``module.``/``_orig_mod.`` are stripped from every key; if keys live under a backbone prefix
+    (``backbone.``, ``online.``, ...; e.g. a whole SSL model with projector and target), only those are kept,
+    prefix removed; a classifier (``fc.*``, ``classifier.*``, ``head.*``) is dropped.
+    """
+    sd = {_strip(k, WRAPPER_PREFIXES): v for k, v in state_dict.items()}
+    for prefix in BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return {k: v for k, v in sd.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+
+
+def read_backbone_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Backbone weights from a local file: a reid_ssl checkpoint, or a plain state dict (torchvision, timm,
+    torchreid's ``{"state_dict": ...}``), read with :func:`safe_torch_load`.
+
+    Returns:
+        (state dict under the backbone's parameter names, a short description of the source format).
+
+    Raises:
+        MissingFileError, CheckpointError: no such file, not loadable, or no tensors inside.
+    """
+    raw = safe_torch_load(path, "weights file")
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        return load_checkpoint(path)["backbone"]["state_dict"], "reid_ssl checkpoint"
+    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else raw
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (nor a reid_ssl checkpoint)")
+    return backbone_state_dict(sd), "state dict"

@@ -4,9 +4,10 @@ One YAML section = one dataclass below. An unknown key, a wrong type or an inval
 :class:`ConfigError` that names the key and lists the valid ones. The resolved config is saved in every
 checkpoint (``dataclasses.asdict``), so a run can always be reproduced from its checkpoint alone.
 
-The defaults are the CPU demo (``configs/pets09_r18_cpu.yaml`` only restates them): a ResNet-18 on
-128x64 crops of the PETS09-S2L1 pedestrian video, the paper's loss and EMA schedule, SGD sized for 2 cores.
-The paper-scale settings are in ``configs/imagenet_r50_paper.yaml`` and ``configs/sysu30k_r50_paper.yaml``.
+**The defaults below are the CPU demo** that ``reid_ssl train`` runs with no arguments, from any folder;
+``configs/pets09_r18_cpu.yaml`` restates them key for key (a test keeps the two equal). Choices of plug-in
+names (data source, backbone, loss, optimizer) come from their registries; fixed enumerations are ``Literal``
+types. The paper-scale settings are in ``configs/imagenet_r50_paper.yaml`` and ``configs/sysu30k_r50_paper.yaml``.
 """
 
 from __future__ import annotations
@@ -16,22 +17,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from reid_ssl.errors import ConfigError, MissingFileError
 
-class ConfigError(ValueError):
-    """A bad configuration key or value."""
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the unlabeled images come from. Labels never reach the SSL step."""
 
-    source: str = (
-        "pets09"  # folder | list | imagenet | sysu30k | market1501 | dukemtmcreid | msmt17 | pets09 | fashion_mnist
-    )
+    source: str = "pets09"  # a dataset with training images: `reid_ssl train --help` lists them
     root: str = "data/pets09"  # dataset root (for "list": the folder the listed paths are relative to)
     list_file: str = ""  # for source "list" (and optional for sysu30k: defaults to meta/train.txt)
     height: int = 64  # training crop size (H x W)
@@ -41,8 +40,9 @@ class DataConfig:
     # a higher resolution matches apparent object size ("FixRes", Touvron et al. 2019; README "Results").
     eval_height: int = 96
     eval_width: int = 48
-    positives: str = "augment"  # "augment": two views of one image (paper); "bag": 2nd view from the same bag/tracklet
-    bad_images: str = "skip"  # "skip" (counted and logged) or "fail"
+    positives: Literal["augment", "bag"] = "augment"  # "augment": two views of one image (paper); "bag": 2nd view
+    # from another image of the same bag/tracklet
+    bad_images: Literal["skip", "fail"] = "skip"  # "skip" (counted and logged) or "fail"
     num_workers: int = 2
     max_images: int = 0  # 0 = all; >0 keeps a deterministic subset (smoke tests, quick looks)
 
@@ -70,12 +70,12 @@ class AugmentConfig:
 class ModelConfig:
     """Online/target networks (method.md §1.1, §2.1-2.3)."""
 
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet18_small (3x3 stem for tiny images)
+    backbone: str = "resnet18"  # a name in reid_ssl.models.BACKBONES
     proj_hidden_dim: int = 4096
     proj_dim: int = 256
     pred_hidden_dim: int = 4096
     predictor: bool = True
-    target: str = "ema"  # "ema" (BYOL, truncated triplet) or "shared" (SimCLR)
+    target: Literal["ema", "shared"] = "ema"  # "ema" (BYOL, truncated triplet) or "shared" (SimCLR)
     multires: bool = True  # random per-batch resize of each view (method.md §1.3)
     multires_online: tuple[int, int] = (96, 224)  # sizes relative to 224: factor s/224 scales H and W
     multires_target: tuple[int, int] = (128, 224)
@@ -87,7 +87,7 @@ class ModelConfig:
 class LossConfig:
     """Loss and its hyperparameters (method.md §1.8-1.9, §1.16)."""
 
-    name: str = "truncated_triplet"  # truncated_triplet | median_triplet | byol | simclr
+    name: str = "truncated_triplet"  # a name in reid_ssl.losses.LOSSES
     k_lo: int = 2  # deputy = mean of the negatives ranked k_lo..k_hi by similarity (1-based)
     k_hi: int = 10
     gamma: float = 2.0
@@ -101,7 +101,7 @@ class LossConfig:
 class OptimConfig:
     """Optimizer and schedules. Learning rate = ``lr`` (not rescaled by batch size; see the configs)."""
 
-    name: str = "sgd"  # lars | sgd | adamw
+    name: str = "sgd"  # a name in reid_ssl.optim.OPTIMIZERS
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-5
@@ -121,16 +121,18 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA and uses a gradient scaler)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA and uses a gradient scaler
     channels_last: bool = True
     compile: bool = False
     out_dir: str = "runs/pets09_r18"
     checkpoint_every_steps: int = 200
     checkpoint_every_epochs: int = 1  # also at the end of every N-th epoch (0: only steps and the end)
     log_every_steps: int = 10
-    eval_dataset: str = ""  # e.g. "pets09": rank-1/mAP each epoch on that retrieval split ("" = off)
-    eval_root: str = ""
-    eval_every_epochs: int = 1
+    # rank-1/mAP on a retrieval split during training: "auto" = data.source's own split when it has one (pets09),
+    # a re-ID dataset name (e.g. "market-layout" with eval_root), or "" = off
+    eval_dataset: str = "auto"
+    eval_root: str = ""  # default: data.root
+    eval_every_epochs: int = 5
     max_steps: int = 0  # stop after this many optimizer steps (0 = full schedule); for smoke runs
     tensorboard: bool = True
 
@@ -149,32 +151,36 @@ class Config:
 # Validation of values that types alone cannot check
 # ---------------------------------------------------------------------------------------------------------
 
-_CHOICES = {
-    "data.source": (
-        "folder",
-        "list",
-        "imagenet",
-        "sysu30k",
-        "market1501",
-        "dukemtmcreid",
-        "msmt17",
-        "pets09",
-        "fashion_mnist",
-    ),
-    "data.positives": ("augment", "bag"),
-    "data.bad_images": ("skip", "fail"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet18_small"),
-    "model.target": ("ema", "shared"),
-    "loss.name": ("truncated_triplet", "median_triplet", "byol", "simclr"),
-    "optim.name": ("lars", "sgd", "adamw"),
-    "train.amp": ("none", "bf16", "fp16"),
-}
+def _registry_choices() -> dict[str, tuple[str, ...]]:
+    """Plug-in names per config key, read from the registries (imported here: they pull in torch)."""
+    from reid_ssl.data.datasets import SSL_SOURCES
+    from reid_ssl.losses import LOSSES
+    from reid_ssl.models import BACKBONES
+    from reid_ssl.optim import OPTIMIZERS
+
+    return {
+        "data.source": SSL_SOURCES(),
+        "model.backbone": BACKBONES.names(),
+        "loss.name": LOSSES.names(),
+        "optim.name": OPTIMIZERS.names(),
+    }
+
+
+def _literal_choices(cfg: Config) -> dict[str, tuple[Any, ...]]:
+    """Fixed enumerations: every ``Literal`` field of every section."""
+    out = {}
+    for section in dataclasses.fields(cfg):
+        hints = typing.get_type_hints(type(getattr(cfg, section.name)))
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            if typing.get_origin(hints[f.name]) is Literal:
+                out[f"{section.name}.{f.name}"] = typing.get_args(hints[f.name])
+    return out
 
 
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raises :class:`ConfigError` naming the key."""
     flat = to_dict(cfg)
-    for key, choices in _CHOICES.items():
+    for key, choices in {**_registry_choices(), **_literal_choices(cfg)}.items():
         section, name = key.split(".")
         if flat[section][name] not in choices:
             raise ConfigError(f"{key}={flat[section][name]!r} is not one of {list(choices)}")
@@ -216,6 +222,7 @@ def validate(cfg: Config) -> Config:
             f"model.target='shared' only makes sense with loss.name='simclr', not {cfg.loss.name!r}",
         ),
         (cfg.data.source != "list" or bool(cfg.data.list_file), "data.source='list' needs data.list_file"),
+        (cfg.train.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -243,6 +250,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} expects a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin is Literal:
+        return _coerce(value, type(typing.get_args(annotation)[0]), key)  # membership is checked by validate()
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: optional fields are not supported")  # none exist; keep the rule simple
     if annotation is bool:
@@ -310,26 +319,80 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise MissingFileError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file (if any) <- ``key=value`` overrides, then validated."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-        cfg = _apply(cfg, data)
+        cfg = _apply(cfg, _read_yaml(Path(path)))
     if overrides:
         cfg = _apply(cfg, parse_overrides(overrides))
     return validate(cfg)
 
 
+# Keys that may change when a run continues: they change how it is logged, watched, run or how long, not what
+# it trains on or with. Any other difference makes `train` refuse to continue a checkpoint (train/state.py).
+SAFE_ON_RESUME = frozenset(
+    {
+        "train.epochs",
+        "train.max_steps",
+        "train.device",
+        "train.compile",
+        "train.channels_last",
+        "train.checkpoint_every_steps",
+        "train.checkpoint_every_epochs",
+        "train.log_every_steps",
+        "train.eval_dataset",
+        "train.eval_root",
+        "train.eval_every_epochs",
+        "train.tensorboard",
+        "data.num_workers",
+        "data.bad_images",
+    }
+)
+
+
+def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old value, new value)}`` for every key that differs."""
+    a, b = to_dict(old), to_dict(new)
+    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+
+def apply_changes(cfg: Config, changes: dict[str, Any]) -> Config:
+    """``cfg`` with nested overrides applied (as :func:`load_config` applies a YAML file), validated."""
+    return validate(_apply(cfg, changes))
+
+
+def explicit_changes(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The overrides a user gave (a YAML file, then ``key=value`` pairs) as one nested dict, without defaults."""
+    merged: dict[str, Any] = {}
+    layers = [_read_yaml(Path(path))] if path else []
+    layers.append(parse_overrides(overrides or []))
+    for layer in layers:
+        for section, values in layer.items():
+            if isinstance(values, dict) and isinstance(merged.get(section), dict):
+                merged[section].update(values)
+            else:
+                merged[section] = values
+    return merged
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. the copy stored in a checkpoint)."""
     return validate(_apply(Config(), data))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what ``reid_ssl train --print-config`` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

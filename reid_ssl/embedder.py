@@ -24,9 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from reid_ssl.checkpoint import CheckpointError, load_checkpoint
-from reid_ssl.images import ImageError, open_rgb
-from reid_ssl.models import BACKBONES, ResNetTrunk, build_backbone
+from reid_ssl.checkpoint import load_checkpoint
+from reid_ssl.distributed import resolve_device
+from reid_ssl.errors import CheckpointError, ImageError
+from reid_ssl.images import open_rgb
+from reid_ssl.models import BACKBONES, build_backbone
 
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
 
@@ -41,13 +43,6 @@ def eval_transform(preprocess: dict[str, Any]) -> T.Compose:
             T.Normalize(preprocess["mean"], preprocess["std"]),
         ]
     )
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -91,7 +86,7 @@ class Embedder:
 
     def __init__(
         self,
-        backbone: ResNetTrunk,
+        backbone: torch.nn.Module,
         preprocess: dict[str, Any],
         backbone_sha256: str,
         device: str | torch.device | None = None,
@@ -151,7 +146,21 @@ class Embedder:
         return self.embed_tensor(self.transform(open_rgb(image)).unsqueeze(0))[0].numpy()
 
 
-def backbone_from_checkpoint(ckpt: dict[str, Any]) -> ResNetTrunk:
+class EmbeddingHead(torch.nn.Module):
+    """Backbone + L2 normalisation: (N, 3, H, W) preprocessed images -> (N, D) unit-norm features.
+
+    The exported ONNX graph; it equals :meth:`Embedder.embed_tensor` with ``flip=False``.
+    """
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(x), dim=1)
+
+
+def backbone_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the online backbone stored in a loaded checkpoint (strict key match)."""
     bb = ckpt["backbone"]
     if bb["name"] not in BACKBONES:

@@ -1,10 +1,17 @@
-"""Crash-safe file writes shared by checkpoints and indexes (no torch import, so the index CLI stays light)."""
+"""Crash-safe file writes and JSON output shared by checkpoints, indexes, results and the CLI.
+
+No torch import here, so the index CLI stays light.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def fsync_path(path: str | Path) -> None:
@@ -49,3 +56,33 @@ def _write_error(path: Path, e: OSError) -> OSError:
     """The same kind of OSError (errno kept), saying which file failed and that the old one is intact."""
     message = f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged"
     return OSError(e.errno, message) if e.errno is not None else OSError(message)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays, tuples, paths and dataclass-free containers.
+
+    Non-finite floats become ``None`` (JSON has no NaN); anything else unknown becomes its ``str``. The one
+    converter behind every ``--json`` output, result file and benchmark file.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as indented JSON text (via :func:`to_jsonable`), ending with a newline."""
+    return json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON (see :func:`json_text`); returns the path."""
+    atomic_write_bytes(path, json_text(obj).encode())
+    return Path(path)

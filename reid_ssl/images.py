@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from reid_ssl.errors import ImageError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # PIL's decompression-bomb guard: refuse images above this many pixels instead of only warning.
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-
-class ImageError(ValueError):
-    """An image file that cannot be used (missing, empty, not an image, truncated, too large)."""
 
 
 def open_rgb(source: str | Path | Image.Image) -> Image.Image:
@@ -53,12 +52,38 @@ def is_image_name(name: str | Path) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursive, following no symlinked folders), sorted."""
+def is_junk_name(name: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS ``._x.jpg`` resource forks, ``.tmp`` build folders).
+
+    torchreid's ``glob`` skips them too, so both tools read the same images from a dataset folder.
+    """
+    return name.startswith(".")
+
+
+def iter_images(root: str | Path, recursive: bool = True) -> Iterator[Path]:
+    """The image files under ``root``, sorted by path; the one folder-walking policy of reid_ssl.
+
+    Image files are named with one of :data:`IMAGE_EXTENSIONS` (any case). Hidden files and folders are skipped
+    (:func:`is_junk_name`); symlinked folders are never entered (no loops), symlinked files are listed.
+
+    Raises:
+        MissingFileError: ``root`` is not a folder.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p.name))
+        raise MissingFileError(f"image folder not found: {root}")
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if recursive and not is_junk_name(d))
+        for name in sorted(filenames):
+            if is_image_name(name) and not is_junk_name(name):
+                path = Path(dirpath) / name
+                if path.is_file():
+                    yield path
+
+
+def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
+    """:func:`iter_images` as a list."""
+    return list(iter_images(root, recursive))
 
 
 def check_images(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from reid_ssl.registry import Registry
 
 
 def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> float:
@@ -95,6 +97,25 @@ def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[
     ]
 
 
+OptimizerFactory = Callable[[list[dict], float, float, float, float], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("lars", help="LARS (the paper's optimizer): SGD with layer-wise trust ratio; BN and biases excluded")
+def _lars(groups: list[dict], lr: float, momentum: float, weight_decay: float, trust: float) -> torch.optim.Optimizer:
+    return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=trust)
+
+
+@OPTIMIZERS.register("sgd", help="SGD with momentum; BN parameters and biases without weight decay")
+def _sgd(groups: list[dict], lr: float, momentum: float, weight_decay: float, trust: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr, momentum=momentum)
+
+
+@OPTIMIZERS.register("adamw", help="AdamW; BN parameters and biases without weight decay")
+def _adamw(groups: list[dict], lr: float, momentum: float, weight_decay: float, trust: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr)
+
+
 def build_optimizer(
     name: str,
     modules: Iterable[nn.Module],
@@ -103,14 +124,9 @@ def build_optimizer(
     weight_decay: float,
     trust_coefficient: float = 0.001,
 ) -> torch.optim.Optimizer:
-    """LARS, SGD or AdamW over ``modules``; BN parameters and biases are never weight-decayed."""
-    groups = parameter_groups(modules, weight_decay)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=trust_coefficient)
-    for g in groups:
-        g.pop("lars")
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise KeyError(f"unknown optimizer {name!r}; choose one of ['adamw', 'lars', 'sgd']")
+    """An optimizer from :data:`OPTIMIZERS` over ``modules``; BN parameters and biases are never weight-decayed.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered.
+    """
+    return OPTIMIZERS[name](parameter_groups(modules, weight_decay), lr, momentum, weight_decay, trust_coefficient)

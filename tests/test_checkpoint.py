@@ -12,7 +12,7 @@ import torch
 
 from reid_ssl.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from reid_ssl.embedder import load_embedder
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -111,7 +111,7 @@ def slow(path, data):
     os.write(fd, data[: len(data) // 2])
     os.kill(os.getpid(), signal.SIGKILL)
 c.atomic_write_bytes = slow
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 write_checkpoint(__import__("pathlib").Path({str(path)!r}), seed=5)
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))

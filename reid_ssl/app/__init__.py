@@ -1,0 +1,1 @@
+"""The Gradio gallery-search app (``reid_ssl app``). Importing this package runs nothing."""

@@ -1,0 +1,181 @@
+"""`reid_ssl app`: serve the gallery search app (reid_ssl/app/) over an index.
+
+Binds 127.0.0.1 by default. Serving on any other address needs a login: ``--auth-file FILE`` (lines of
+``user:password``) or the environment variable ``REID_SSL_APP_AUTH=user:password[,user2:password2]``;
+without one the command refuses to start (``--insecure-no-auth`` overrides, with a warning). There is never
+a share link and never telemetry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import stat
+import sys
+from pathlib import Path
+
+from reid_ssl.cli.common import DEFAULT_INDEX, positive_int
+from reid_ssl.errors import InputError, MissingFileError
+
+AUTH_ENV = "REID_SSL_APP_AUTH"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "app",
+        help="serve the gallery search app in the browser",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    p.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=7860, help="TCP port, 1..65535 (default 7860)")
+    p.add_argument("--auth-file", help="file with one user:password per line (required off loopback)")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback address without a login (anyone who can reach it can add images)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda...")
+    p.add_argument("--max-upload-mb", type=positive_int, default=100, help="largest file one upload may send")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads per query (default 1: one crop at a time is fastest single-threaded; 2 "
+        "OpenMP threads made it 50x slower on a busy 2-core machine)",
+    )
+    p.set_defaults(handler=run)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def parse_auth(text: str, origin: str) -> list[tuple[str, str]]:
+    """``user:password`` entries, one per line or comma; blank lines and ``#`` comments are ignored."""
+    pairs = []
+    for raw in text.replace(",", "\n").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise InputError(f"{origin}: expected user:password entries, got one without a user or a password")
+        pairs.append((user, password))
+    if not pairs:
+        raise InputError(f"{origin}: no user:password entry")
+    return pairs
+
+
+def resolve_auth(auth_file: str | None, environ: dict[str, str] | None = None) -> tuple[list | None, list[str]]:
+    """(credentials or None, warnings) from --auth-file or $REID_SSL_APP_AUTH (the file wins)."""
+    environ = os.environ if environ is None else environ
+    warnings = []
+    if auth_file:
+        path = Path(auth_file)
+        if not path.is_file():
+            raise MissingFileError(f"auth file not found: {path}")
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(f"{path} is readable by other users: chmod 600 {path}")
+        return parse_auth(path.read_text(), str(path)), warnings
+    if environ.get(AUTH_ENV):
+        return parse_auth(environ[AUTH_ENV], f"${AUTH_ENV}"), warnings
+    return None, warnings
+
+
+def check_exposure(host: str, auth: list | None, insecure: bool) -> list[str]:
+    """Refuse (InputError) a non-loopback address without a login, unless ``insecure``; returns warnings."""
+    if is_loopback(host) or auth:
+        return []
+    if not insecure:
+        raise InputError(
+            f"refusing to serve on {host} without a login: anyone who reaches it could add images to "
+            f"the gallery. Set {AUTH_ENV}=user:password or pass --auth-file FILE (or "
+            "--insecure-no-auth to accept the risk)"
+        )
+    return [
+        f"WARNING: serving on {host} WITHOUT a login (--insecure-no-auth): anyone who can reach this address "
+        "can search and add images"
+    ]
+
+
+def pick_examples(index: object, limit: int = 6) -> list[str]:
+    """Example queries: the calibration query folder's images (one per identity), else gallery images."""
+    from reid_ssl.images import is_image_name
+    from reid_ssl.index.gallery import parse_market_name
+
+    folder = index.manifest.get("queries")  # type: ignore[attr-defined]
+    candidates: list[Path] = []
+    if folder and Path(folder).is_dir():
+        candidates = sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p.name))
+    if not candidates:
+        meta = index.items(index.ids[:200])  # type: ignore[attr-defined]
+        candidates = [Path(m["path"]) for m in meta.values() if Path(m["path"]).is_file()]
+    chosen, seen = [], set()
+    for p in candidates:
+        pid = (parse_market_name(p.name) or {}).get("pid", p.name)
+        if pid not in seen:
+            seen.add(pid)
+            chosen.append(str(p))
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    auth, warnings = resolve_auth(args.auth_file)
+    warnings += check_exposure(args.host, auth, args.insecure_no_auth)
+    index_dir = Path(args.index)
+    if not (index_dir / "CURRENT").is_file():
+        hint = (
+            f"reid_ssl index build --checkpoint runs/pets09_r18/checkpoint.pt --images pets09 --out {args.index}"
+            if args.index == DEFAULT_INDEX
+            else f"reid_ssl index build ... --out {args.index}"
+        )
+        raise MissingFileError(f"no gallery index at {index_dir}; build it first: {hint}")
+
+    from reid_ssl.app.demo import set_offline_env
+
+    set_offline_env()  # before gradio is imported
+    import torch
+
+    from reid_ssl.app.demo import build_demo, launch
+    from reid_ssl.app.uploads import UploadLimits
+    from reid_ssl.embedder import load_embedder
+    from reid_ssl.index.gallery import GalleryIndex
+
+    torch.set_num_threads(args.threads)
+    index = GalleryIndex.load(index_dir)
+    ckpt = args.checkpoint or index.manifest["embedder"].get("checkpoint")
+    if not ckpt:
+        raise InputError(f"{index_dir} does not record its checkpoint; pass --checkpoint")
+    embedder = load_embedder(ckpt, device=args.device, flip=bool(index.manifest["embedder"].get("flip", True)))
+    index.check_embedder(embedder)
+    limits = UploadLimits(max_upload_mb=args.max_upload_mb)
+    demo = build_demo(index, embedder, examples=pick_examples(index), limits=limits)
+    for w in warnings:
+        print(w, file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"reid_ssl app: serving {index.ntotal} gallery images from {index_dir} on http://{host}:{args.port} "
+        f"(login {'on' if auth else 'off'}); Ctrl-C stops it",
+        file=sys.stderr,
+    )
+    launch(demo, args.host, args.port, auth=auth, limits=limits, quiet=True)
+    return 0

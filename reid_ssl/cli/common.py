@@ -1,0 +1,130 @@
+"""What every command shares: argument types that refuse absurd values, and printing results as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from reid_ssl.errors import MissingFileError
+from reid_ssl.fileio import to_jsonable
+
+DEFAULT_RUN = "runs/pets09_r18"
+DEFAULT_CHECKPOINT = f"{DEFAULT_RUN}/checkpoint.pt"
+DEFAULT_INDEX = f"{DEFAULT_RUN}/gallery"
+
+
+def wrap(text: str) -> str:
+    """Fill a description to 100 columns (the parsers keep line breaks for their examples)."""
+    return textwrap.fill(text, width=100)
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str, epilog: str = "") -> Any:
+    """A subcommand parser whose description and examples keep their line breaks."""
+    return sub.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def choices_help(names: Iterable[str], default: str | None = None) -> str:
+    """``one of: a, b, c (default a)`` for an option whose choices come from a registry."""
+    return f"one of: {', '.join(names)}" + (f" (default {default})" if default else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument types
+# ---------------------------------------------------------------------------------------------------------
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (absurd values are refused, not attempted)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = f"integer in {low}..{high}"
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+non_negative_int = int_in(0, 2**31 - 1)
+batch_size = int_in(1, 4096)
+workers = int_in(0, 64)
+
+
+def existing_checkpoint(path: str) -> Path:
+    """The checkpoint file, or :class:`MissingFileError` saying how to make one."""
+    p = Path(path)
+    if not p.is_file():
+        hint = " (train one with `reid_ssl train` or pass --checkpoint)" if path == DEFAULT_CHECKPOINT else ""
+        raise MissingFileError(f"checkpoint not found: {p}{hint}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------
+
+
+def print_json(result: Mapping[str, Any]) -> None:
+    """``result`` as indented JSON on standard output (numpy values, paths and NaN made JSON-safe)."""
+    json.dump(to_jsonable(result), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def print_table(rows: list[tuple[str, Any]], title: str | None = None) -> None:
+    """Two-column key/value table for humans."""
+    if title:
+        print(title)
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        print(f"  {k:<{width}}  {v}")
+
+
+def percent(value: float | None) -> str:
+    """``0.4946 -> " 49.46%"``; ``None -> "-"``."""
+    return "-" if value is None else f"{100 * value:6.2f}%"

@@ -1,0 +1,386 @@
+"""`reid_ssl index build|add|remove|search|info|calibrate`: the persistent FAISS gallery (reid_ssl/index.py).
+
+`index build` runs under torchrun too: each rank embeds a shard of the gallery (gloo on CPU, NCCL on GPU)
+and rank 0 merges the shards into one index::
+
+    torchrun --nproc_per_node 2 -m reid_ssl.cli index build --checkpoint C --images DIR --out IDX
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from reid_ssl.cli.common import DEFAULT_INDEX, int_in, positive_int, print_json, print_table, workers
+from reid_ssl.console import show_progress
+from reid_ssl.errors import InputError, MissingFileError
+
+MAX_K = 1000
+MAX_BATCH = 4096
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "index",
+        help="build, update and search a persistent FAISS gallery index",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="index_command", metavar="<action>", required=True)
+
+    b = sub.add_parser("build", help="embed a gallery folder (or data set) into a new index (resumable)")
+    b.add_argument("--checkpoint", required=True, help="reid_ssl checkpoint whose embedder fills the index")
+    b.add_argument(
+        "--images",
+        required=True,
+        help="a folder of images (recursive), a Market-1501-layout root (gallery = bounding_box_test, "
+        "query/ calibrates the threshold), or a data set name: pets09",
+    )
+    b.add_argument("--out", required=True, help="index folder to create")
+    b.add_argument("--data-root", default="data", help="where data set names live (default: data)")
+    b.add_argument(
+        "--type",
+        default="auto",
+        choices=["auto", "flat", "ivf-flat", "ivf-pq", "hnsw"],
+        help="FAISS index type; auto = exact Flat up to 20,000 images, IVF-Flat above",
+    )
+    b.add_argument("--factory", help="explicit faiss.index_factory string (overrides --type's), e.g. IVF256,SQ8")
+    b.add_argument("--nprobe", type=positive_int, help="IVF lists visited per query")
+    b.add_argument(
+        "--chunk-size", type=int_in(1, 1_000_000), default=512, help="images per resumable chunk (default 512)"
+    )
+    b.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=64)
+    b.add_argument("--workers", type=workers, default=0, help="data loader worker processes, 0..64 (default 0)")
+    b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    b.add_argument("--no-calibrate", action="store_true", help="skip the 'no match' threshold calibration")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(handler=_build)
+
+    a = sub.add_parser("add", help="embed more images and add them to an index")
+    a.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
+    a.add_argument("--index", default=DEFAULT_INDEX)
+    a.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    a.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=64)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--allow-duplicates", action="store_true", help="add files whose path is already indexed")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(handler=_add)
+
+    r = sub.add_parser("remove", help="remove items by id or by path prefix (ids of the rest never change)")
+    r.add_argument("--index", default=DEFAULT_INDEX)
+    r.add_argument("--ids", type=int, nargs="*", default=[])
+    r.add_argument("--path-prefix", help="remove every item whose file lies under this path")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(handler=_remove)
+
+    s = sub.add_parser("search", help="find the gallery items most similar to query images")
+    s.add_argument("--query", required=True, nargs="+", help="query image file(s)")
+    s.add_argument("--index", default=DEFAULT_INDEX)
+    s.add_argument("-k", type=int_in(1, MAX_K), default=10)
+    s.add_argument("--exclude-camera", type=int, help="drop gallery items of this camera id")
+    s.add_argument("--nprobe", type=positive_int)
+    s.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(handler=_search)
+
+    i = sub.add_parser("info", help="size, type, embedder, calibration and statistics of an index")
+    i.add_argument("--index", default=DEFAULT_INDEX)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(handler=_info)
+
+    c = sub.add_parser("calibrate", help="(re)calibrate the 'no match' threshold from labelled data")
+    c.add_argument("--index", default=DEFAULT_INDEX)
+    c.add_argument("--queries", help="folder of Market-named query images; default: leave-one-out on the gallery")
+    c.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(handler=_calibrate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _embedder_for(idx: Any, checkpoint: str | None, device: str) -> Any:
+    from reid_ssl.embedder import load_embedder
+
+    ckpt = checkpoint or idx.manifest["embedder"].get("checkpoint")
+    if not ckpt:
+        raise InputError(f"{idx.path} does not record its checkpoint; pass --checkpoint")
+    flip = bool(idx.manifest["embedder"].get("flip", True))
+    embedder = load_embedder(ckpt, device=device, flip=flip)
+    idx.check_embedder(embedder)
+    return embedder
+
+
+def _build(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from reid_ssl.distributed import init_distributed, launched_world_size
+    from reid_ssl.embedder import load_embedder
+    from reid_ssl.index.gallery import BuildOptions, build_index, describe_calibration, gallery_source
+
+    rank, world, barrier, device = 0, 1, None, args.device
+    if launched_world_size() > 1:  # under torchrun: one shard per rank
+        d, dev = init_distributed(args.device, timeout=timedelta(hours=12))
+        rank, world, barrier, device = d.rank, d.world_size, d.barrier, str(dev)
+    try:
+        source = gallery_source(args.images, args.data_root)
+        embedder = load_embedder(args.checkpoint, device=device)
+        opt = BuildOptions(
+            index_type=args.type,
+            factory=args.factory,
+            nprobe=args.nprobe,
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            overwrite=args.overwrite,
+            progress=show_progress(json=args.json),
+            calibrate=not args.no_calibrate,
+        )
+        result = build_index(
+            embedder, source, args.out, opt, checkpoint=args.checkpoint, rank=rank, world_size=world, barrier=barrier
+        )
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    if args.json:
+        print_json(result)
+        return 0
+    cal = result["calibration"]
+    rows = [
+        ("index", result["out"]),
+        ("images", result["n_images"]),
+        ("indexed", result["n_indexed"]),
+        ("unreadable", result["n_failed"]),
+        ("skipped (symlinks out)", result["n_skipped"]),
+        ("type", f"{result['index_type']} ({result['factory']})"),
+        (
+            "chunks",
+            f"{result['chunks']} ({result['embedded_chunks']} embedded now, "
+            f"{result['chunks'] - result['embedded_chunks']} resumed)"
+            if world == 1
+            else result["chunks"],
+        ),
+        ("ranks", world),
+        ("no-match threshold", describe_calibration(cal) if isinstance(cal, dict) else (cal or "not calibrated")),
+        ("seconds", result["seconds"]),
+    ]
+    print_table(rows, title="index built")
+    for _path, reason in result["failures"][:10]:
+        print(f"  unreadable: {reason}", file=sys.stderr)
+    return 0
+
+
+def _expand_paths(paths: list[str]) -> tuple[list[Any], list[str], list[tuple[str, str]]]:
+    """Files and folders -> (GalleryItems, roots, skipped)."""
+    from reid_ssl.images import is_image_name
+    from reid_ssl.index.gallery import GalleryItem, folder_items, parse_market_name
+
+    items: list[Any] = []
+    roots: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            got, skip = folder_items(p, False, "cli")
+            items += got
+            skipped += skip
+            roots.append(str(p.resolve()))
+        elif p.is_file():
+            if not is_image_name(p.name):
+                skipped.append((raw, "not an image file name"))
+                continue
+            real = p.resolve()
+            items.append(GalleryItem(path=str(real), source="cli", **(parse_market_name(p.name) or {})))
+            roots.append(str(real.parent))
+        else:
+            raise MissingFileError(f"no such file or folder: {raw}")
+    return items, roots, skipped
+
+
+def _add(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from reid_ssl.index.gallery import GalleryIndex
+
+    items, roots, skipped = _expand_paths(args.paths)
+    snapshot = GalleryIndex.load(args.index)  # embed without holding the writer lock (the app may be adding too)
+    embedder = _embedder_for(snapshot, args.checkpoint, args.device)
+    if not args.allow_duplicates:
+        known = snapshot.ids_for_paths([it.path for it in items])
+        skipped += [(it.path, "already indexed") for it in items if it.path in known]
+        items = [it for it in items if it.path not in known]
+    res = embedder.embed_images([it.path for it in items], batch_size=args.batch_size, progress=show_progress(json=args.json))
+    failures = [(items[i].path, reason) for i, reason in res.failures]
+    with GalleryIndex.open_for_update(args.index) as idx:  # lock, newest generation, add, save
+        idx.check_embedder(embedder)
+        ok = [items[i] for i in res.ok]
+        fresh = np.ones(len(ok), bool)
+        if not args.allow_duplicates and idx.generation != snapshot.generation:  # someone added meanwhile
+            known = idx.ids_for_paths([it.path for it in ok])
+            fresh = np.array([it.path not in known for it in ok], bool)
+            skipped += [(it.path, "already indexed") for it, f in zip(ok, fresh, strict=True) if not f]
+        ids = idx.add(res.features[fresh], [it for it, f in zip(ok, fresh, strict=True) if f])
+        if len(ids):
+            idx.add_roots(*roots)
+        ntotal = idx.ntotal
+    result = {
+        "index": args.index,
+        "added": len(ids),
+        "ids": ids.tolist(),
+        "ntotal": ntotal,
+        "failures": failures,
+        "skipped": skipped,
+    }
+    if args.json:
+        print_json(result)
+    else:
+        print_table(
+            [
+                ("index", args.index),
+                ("added", len(ids)),
+                ("unreadable", len(failures)),
+                ("skipped", len(skipped)),
+                ("items now", ntotal),
+            ],
+            title="index add",
+        )
+        for path, reason in (failures + skipped)[:10]:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    return 1 if failures and not len(ids) else 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from reid_ssl.index.gallery import GalleryIndex
+
+    if not args.ids and not args.path_prefix:
+        raise InputError("nothing to remove: give --ids and/or --path-prefix")
+    with GalleryIndex.open_for_update(args.index) as idx:
+        ids = list(args.ids)
+        if args.path_prefix:
+            prefix = str(Path(args.path_prefix).resolve())
+            meta = idx.items(idx.ids)
+            ids += [i for i, m in meta.items() if m["path"] == prefix or m["path"].startswith(prefix + os.sep)]
+        removed = idx.remove(ids)
+        ntotal = idx.ntotal
+    result = {"index": args.index, "requested": len(set(ids)), "removed": removed, "ntotal": ntotal}
+    if args.json:
+        print_json(result)
+    else:
+        print_table(
+            [
+                ("index", args.index),
+                ("removed", removed),
+                ("not found", len(set(ids)) - removed),
+                ("items now", ntotal),
+            ],
+            title="index remove",
+        )
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from reid_ssl.index.gallery import GalleryIndex
+
+    idx = GalleryIndex.load(args.index)
+    embedder = _embedder_for(idx, args.checkpoint, args.device)
+    for q in args.query:
+        if not Path(q).is_file():
+            raise MissingFileError(f"query image not found: {q}")
+    res = embedder.embed_images(args.query, batch_size=min(64, len(args.query)))
+    if res.failures:
+        raise InputError("; ".join(reason for _, reason in res.failures))
+    hits = idx.search(res.features, args.k, exclude_camid=args.exclude_camera, nprobe=args.nprobe)
+    threshold = idx.threshold
+    out = []
+    for q, row in zip(args.query, hits, strict=True):
+        best = row[0].score if row else None
+        match = None if threshold is None or best is None else best >= threshold
+        out.append({"query": q, "match": match, "results": [h.to_dict() for h in row]})
+    if args.json:
+        print_json({"index": args.index, "k": args.k, "threshold": threshold, "queries": out})
+        return 0
+    for q in out:
+        verdict = (
+            ""
+            if q["match"] is None
+            else "  (match)"
+            if q["match"]
+            else f"  (NO MATCH: best score below the threshold {threshold:.3f})"
+        )
+        print(f"{q['query']}{verdict}")
+        print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'pid':>5}  {'cam':>3}  {'frame':>6}  path")
+        for rank, h in enumerate(q["results"], 1):
+            cells = [("" if h[c] is None else str(h[c])) for c in ("pid", "camid", "frame")]
+            print(
+                f"  {rank:>4}  {h['score']:>6.3f}  {h['id']:>7}  {cells[0]:>5}  {cells[1]:>3}  {cells[2]:>6}  "
+                f"{h['path']}"
+            )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from reid_ssl.index.gallery import GalleryIndex, describe_calibration
+
+    info = GalleryIndex.load(args.index).info()
+    if args.json:
+        print_json(info)
+        return 0
+    cal = info["calibration"]
+    threshold = describe_calibration(cal) + ("" if cal is None else f", AUC {cal['auc']:.2f}")
+    print_table(
+        [
+            ("path", info["path"]),
+            ("generation", info["generation"]),
+            ("items", info["ntotal"]),
+            ("identities", info["identities"]),
+            ("cameras", ", ".join(map(str, info["cameras"])) or "-"),
+            ("dim", info["dim"]),
+            ("type", f"{info['index_type']} ({info['factory']})"),
+            ("nprobe / efSearch", f"{info['nprobe']} / {info['ef_search']}"),
+            ("checkpoint", info["checkpoint"]),
+            ("embedder", info["embedder_fingerprint"][:16]),
+            (
+                "preprocess",
+                f"{info['preprocess'].get('height')}x{info['preprocess'].get('width')}, flip {info['flip']}",
+            ),
+            ("no-match threshold", threshold),
+            ("bytes on disk", info["bytes_on_disk"]),
+            ("updated", info["updated"]),
+        ],
+        title="gallery index",
+    )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from reid_ssl.index.gallery import GalleryIndex, folder_items
+
+    with GalleryIndex.open_for_update(args.index) as idx:
+        if args.queries:
+            qdir = Path(args.queries)
+            if not qdir.is_dir():
+                raise MissingFileError(f"query folder not found: {qdir}")
+            queries, _ = folder_items(qdir, False, "query")
+            embedder = _embedder_for(idx, args.checkpoint, args.device)
+            res = embedder.embed_images([q.path for q in queries], progress=show_progress(json=args.json))
+            cal = idx.calibrate(res.features, [queries[i] for i in res.ok])
+        else:
+            cal = idx.calibrate()
+    if args.json:
+        print_json(cal)
+    else:
+        print_table([(k, v) for k, v in cal.items()], title="no-match threshold")
+    return 0

@@ -1,0 +1,48 @@
+"""``reid_ssl k-rule``: the paper's Bernoulli rule for the rank of the negative deputy."""
+
+from __future__ import annotations
+
+import argparse
+
+from reid_ssl.cli.common import add_parser, print_json
+from reid_ssl.errors import InputError
+
+DESCRIPTION = """\
+For X ~ Binomial(negatives, 1/classes) same-identity "negatives" in a batch, print P(X < k): the probability
+that the negative ranked k by similarity belongs to another identity (docs/method.md, "Choosing k")."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    k = add_parser(sub, "k-rule", "Bernoulli rule: is the rank-k negative a true negative?", DESCRIPTION)
+    k.add_argument("--negatives", type=int, required=True, help="negatives per anchor (batch size - 1)")
+    k.add_argument("--classes", type=int, required=True, help="number of classes / identities in the data")
+    k.add_argument("--max-k", type=int, default=10, help="largest k to print (default 10)")
+    k.add_argument("--confidence", type=float, default=0.99, help="report the smallest k reaching this")
+    k.add_argument("--json", action="store_true", help="print JSON")
+    k.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reid_ssl.losses import prob_rank_k_true_negative, smallest_safe_k
+
+    if args.negatives < 1 or args.classes < 1 or args.max_k < 1 or not 0 < args.confidence < 1:
+        raise InputError("--negatives, --classes and --max-k must be >= 1 and 0 < --confidence < 1")
+    n, c = args.negatives, args.classes
+    table = [{"k": k, "p_true_negative": prob_rank_k_true_negative(n, c, k)} for k in range(1, args.max_k + 1)]
+    result = {
+        "negatives": n,
+        "classes": c,
+        "expected_false_negatives": n / c,
+        "table": table,
+        "smallest_k": smallest_safe_k(n, c, args.confidence),
+        "confidence": args.confidence,
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"negatives per anchor N-1 = {n}, classes C = {c}, expected same-class negatives = {n / c:.3f}")
+    print("   k   P(rank-k negative is a true negative)")
+    for row in table:
+        print(f"{row['k']:>4}   {row['p_true_negative']:.3f}")
+    print(f"smallest k with P >= {args.confidence}: {result['smallest_k']}")
+    return 0

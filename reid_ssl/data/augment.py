@@ -1,0 +1,136 @@
+"""The two-view augmentation of BYOL and the dataset that yields view pairs for self-supervised training.
+
+View A and view B differ in blur and solarization (docs/method.md, "Views"). With ``data.positives=bag`` the
+second view comes from another image of the same bag (tracklet), the one place labels-free grouping enters.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from reid_ssl.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from reid_ssl.data.ssl_sources import SSLItem
+from reid_ssl.errors import ImageError, InputError
+from reid_ssl.images import open_rgb
+
+if TYPE_CHECKING:
+    from reid_ssl.config import AugmentConfig, DataConfig
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with radius sigma ~ U[lo, hi], applied with probability ``p``."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]) -> None:
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class RandomSolarize:
+    """Invert pixels >= 128 with probability ``p``."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img, 128) if random.random() < self.p else img
+
+
+def view_transform(aug: AugmentConfig, height: int, width: int, blur: float, solarize: float) -> T.Compose:
+    """One BYOL view: crop, flip, colour jitter, grey, blur, solarize, tensor, ImageNet normalisation.
+
+    The crop's aspect-ratio range is taken relative to the output aspect (W/H), so pedestrian crops stay
+    upright; the blur radius scales with the output height (the reference's U[0.1, 2.0] at 224 px).
+    """
+    aspect = width / height
+    ratio = (aug.crop_ratio[0] * aspect, aug.crop_ratio[1] * aspect)
+    sigma_scale = height / 224
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                (height, width), scale=aug.crop_scale, ratio=ratio, interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(aug.flip),
+            T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.jitter_prob),
+            T.RandomGrayscale(aug.grayscale),
+            RandomGaussianBlur(blur, (0.1 * sigma_scale, 2.0 * sigma_scale)),
+            RandomSolarize(solarize),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class TwoViewDataset(Dataset):
+    """Yields ``(view_a, view_b, bad)``; ``bad`` holds one line per file that was replaced ('' when none).
+
+    An unreadable image is replaced by another random item, so batches keep their size, and reported to
+    the training loop, which counts it (``data.bad_images="skip"``) or stops (``"fail"``).
+    """
+
+    def __init__(
+        self,
+        items: list[SSLItem],
+        view_a: T.Compose,
+        view_b: T.Compose,
+        bag_positives: bool,
+        array: np.ndarray | None = None,
+    ) -> None:
+        self.items, self.view_a, self.view_b, self.array = items, view_a, view_b, array
+        self.bags: dict[int, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            if item.bag >= 0:
+                self.bags[item.bag].append(i)
+        if bag_positives and not self.bags:
+            raise InputError("data.positives='bag' needs a source with bags (folder, list, sysu30k, pets09)")
+        self.bag_positives = bag_positives
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _open(self, item: SSLItem) -> Image.Image:
+        if item.path is None:
+            assert self.array is not None, "in-memory items need the dataset's array"
+            return Image.fromarray(self.array[item.index]).convert("RGB")
+        return open_rgb(item.path)
+
+    def _partner(self, i: int) -> int:
+        bag = self.bags.get(self.items[i].bag) if self.bag_positives else None
+        return random.choice(bag) if bag else i
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        reasons = []
+        for _ in range(10):
+            j = self._partner(i)
+            try:
+                first = self._open(self.items[i])
+                second = first if j == i else self._open(self.items[j])
+                return self.view_a(first), self.view_b(second), "\n".join(reasons)
+            except ImageError as e:
+                reasons.append(str(e))
+                i = random.randrange(len(self.items))
+        raise ImageError(f"10 unreadable images in a row, last: {reasons[-1]}")
+
+
+def two_view_dataset(data: DataConfig, aug: AugmentConfig, items: list[SSLItem] | None = None) -> TwoViewDataset:
+    """Items of the configured source wrapped with the view-A / view-B pipelines."""
+    from reid_ssl.data.datasets import build_source, source_array
+
+    items = items if items is not None else build_source(data)
+    view_a = view_transform(aug, data.height, data.width, aug.blur_a, aug.solarize_a)
+    view_b = view_transform(aug, data.height, data.width, aug.blur_b, aug.solarize_b)
+    array = source_array(data)
+    return TwoViewDataset(items, view_a, view_b, bag_positives=data.positives == "bag", array=array)
+
+

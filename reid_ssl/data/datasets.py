@@ -1,0 +1,243 @@
+"""Every dataset reid_ssl knows, in one registry: :data:`DATASETS`.
+
+A dataset entry says what the dataset can give:
+
+* ``ssl``: unlabeled training images (``data.source`` in a config; ``reid_ssl train``);
+* ``reid``: query / gallery (and train) lists of ``(img_path, pid, camid)`` (``reid_ssl eval``, ``finetune``,
+  the training monitor, and ``index build --images <name>``, which indexes the gallery and calibrates with
+  the queries);
+* ``classification``: labelled train / test images (``reid_ssl eval --protocol knn|linear``).
+
+Config validation and every command read their choices from here, so a new dataset layout is one loader
+function (or a few) and one ``DATASETS.register`` call. Layouts, with a tree of each: docs/datasets.md.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from reid_ssl.data import classification as cls
+from reid_ssl.data import reid, ssl_sources
+from reid_ssl.data.ssl_sources import SSLItem
+from reid_ssl.errors import DatasetLayoutError, InputError
+from reid_ssl.registry import Registry
+
+if TYPE_CHECKING:
+    from reid_ssl.config import DataConfig
+
+DATA_ROOT = "data"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What one dataset provides; ``None`` for what it does not.
+
+    Attributes:
+        description: one line for ``--help``.
+        default_root: where ``--root`` / ``data.root`` points when not given.
+        ssl: ``(root, data_config) -> [SSLItem]``: unlabeled training images.
+        array: ``root -> (N, H, W[, C]) uint8``: the in-memory images that ``SSLItem.index`` refers to.
+        reid: ``(root, **options) -> ReidSplit``: re-ID evaluation lists.
+        classification: ``(root, "train" | "test") -> LabeledSet``.
+        pid_is_tracklet: the "identities" of ``reid`` are tracklets (no identity ground truth exists).
+    """
+
+    description: str
+    default_root: str = DATA_ROOT
+    ssl: Callable[[Path, DataConfig], list[SSLItem]] | None = None
+    array: Callable[[Path], np.ndarray] | None = None
+    reid: Callable[..., reid.ReidSplit] | None = None
+    classification: Callable[[Path, str], cls.LabeledSet] | None = None
+    pid_is_tracklet: bool = False
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def _ssl_reid_train(name: str, dirs: tuple[str, ...]) -> Callable[[Path, DataConfig], list[SSLItem]]:
+    return lambda root, data: ssl_sources.reid_train_source(name, root, dirs)
+
+
+def _list_file(data: DataConfig) -> Path | None:
+    return Path(data.list_file) if data.list_file else None
+
+
+def _list_source(root: Path, data: DataConfig) -> list[SSLItem]:
+    if not data.list_file:
+        raise InputError("data.source=list needs data.list_file (a text file of image paths, one per line)")
+    return ssl_sources.list_source(root, Path(data.list_file))
+
+
+DATASETS.register(
+    "folder",
+    DatasetSpec("any folder of images (recursive); sub-folders are bags", ssl=lambda r, d: ssl_sources.folder_source(r)),
+)
+DATASETS.register(
+    "list",
+    DatasetSpec("a text file of image paths (data.list_file), relative to data.root", ssl=_list_source),
+)
+DATASETS.register(
+    "imagenet",
+    DatasetSpec(
+        "ImageNet layout train/<class>/*, val/<class>/* (labels only for kNN / linear probe)",
+        ssl=lambda r, d: ssl_sources.imagenet_source(r),
+        classification=cls.image_folder_split,
+    ),
+)
+DATASETS.register(
+    "sysu30k",
+    DatasetSpec(
+        "SYSU-30k: train bags sysu_train_set_all/, test set sysu_test_set_all/ (1,000 queries, 478,730 distractors)",
+        ssl=lambda r, d: ssl_sources.sysu30k_source(r, _list_file(d)),
+        reid=reid.load_sysu30k,
+    ),
+)
+DATASETS.register(
+    "market1501",
+    DatasetSpec(
+        "Market-1501: bounding_box_train/, query/, bounding_box_test/",
+        ssl=_ssl_reid_train(
+            "market1501",
+            ("Market-1501-v15.09.15/bounding_box_train", "market1501/bounding_box_train", "bounding_box_train"),
+        ),
+        reid=reid.load_market1501,
+    ),
+)
+DATASETS.register(
+    "dukemtmcreid",
+    DatasetSpec(
+        "DukeMTMC-reID: bounding_box_train/, query/, bounding_box_test/",
+        ssl=_ssl_reid_train(
+            "dukemtmcreid",
+            (
+                "DukeMTMC-reID/bounding_box_train",
+                "dukemtmc-reid/DukeMTMC-reID/bounding_box_train",
+                "bounding_box_train",
+            ),
+        ),
+        reid=reid.load_dukemtmcreid,
+    ),
+)
+DATASETS.register(
+    "msmt17",
+    DatasetSpec(
+        "MSMT17 V1 or V2: train/, test/, list_{train,query,gallery}.txt",
+        ssl=_ssl_reid_train(
+            "msmt17",
+            (
+                "MSMT17_V1/train",
+                "MSMT17_V2/mask_train_v2",
+                "msmt17/MSMT17_V1/train",
+                "msmt17/MSMT17_V2/mask_train_v2",
+                "train",
+            ),
+        ),
+        reid=reid.load_msmt17,
+    ),
+)
+DATASETS.register(
+    "cuhk03",
+    DatasetSpec("CUHK03 as torchreid prepares it: images_{detected,labeled}/, splits_*.json", reid=reid.load_cuhk03),
+)
+DATASETS.register(
+    "pets09",
+    DatasetSpec(
+        "PETS09-S2L1 tracklets from `reid_ssl prepare pets09`: train/<tracklet>/ bags, market/ retrieval split",
+        default_root="data/pets09",
+        ssl=lambda r, d: ssl_sources.pets09_source(r),
+        reid=reid.load_pets09,
+        pid_is_tracklet=True,
+    ),
+)
+DATASETS.register(
+    "market-layout",
+    DatasetSpec(
+        "any folder in Market-1501 layout: query/, bounding_box_test/ (optional bounding_box_train/)",
+        reid=reid.load_market_layout,
+    ),
+)
+DATASETS.register(
+    "fashion-mnist",
+    DatasetSpec(
+        "Fashion-MNIST IDX files (Debian dataset-fashion-mnist); labels only for kNN / linear probe",
+        default_root=cls.FASHION_MNIST_ROOT,
+        ssl=lambda r, d: ssl_sources.fashion_mnist_source(r),
+        array=ssl_sources.fashion_mnist_images,
+        classification=cls.fashion_mnist_split,
+    ),
+)
+
+SSL_SOURCES = partial(DATASETS.names, lambda s: s.ssl is not None)
+REID_DATASETS = partial(DATASETS.names, lambda s: s.reid is not None)
+CLASSIFICATION_DATASETS = partial(DATASETS.names, lambda s: s.classification is not None)
+
+
+def default_root(name: str) -> str:
+    """Where ``--root`` points for dataset ``name`` when it is not given."""
+    return DATASETS[name].default_root
+
+
+def _root(name: str, root: str | Path | None) -> Path:
+    return Path(root if root not in (None, "") else default_root(name)).expanduser()
+
+
+def build_source(data: DataConfig) -> list[SSLItem]:
+    """The unlabeled training items of ``data.source`` (a deterministic subset when ``data.max_images``).
+
+    Raises:
+        UnknownNameError: the source is not registered; InputError: it gives no training images.
+        DatasetLayoutError: nothing usable under ``data.root``.
+    """
+    spec = DATASETS[data.source]
+    if spec.ssl is None:
+        raise InputError(f"dataset {data.source!r} has no training images; data.source is one of {list(SSL_SOURCES())}")
+    root = _root(data.source, data.root)
+    items = spec.ssl(root, data)
+    if data.max_images and len(items) > data.max_images:
+        keep = sorted(random.Random(0).sample(range(len(items)), data.max_images))
+        items = [items[i] for i in keep]
+    if not items:
+        raise DatasetLayoutError(f"no images found for data.source={data.source!r} under {root}")
+    return items
+
+
+def source_array(data: DataConfig) -> np.ndarray | None:
+    """The in-memory images of ``data.source`` (Fashion-MNIST), or ``None`` for file-based sources."""
+    spec = DATASETS[data.source]
+    return spec.array(_root(data.source, data.root)) if spec.array is not None else None
+
+
+def load_split(name: str, root: str | Path | None = None, **options: Any) -> reid.ReidSplit:
+    """Query / gallery / train lists of a re-ID dataset.
+
+    Args:
+        name: a dataset with re-ID lists (:func:`REID_DATASETS`).
+        root: the dataset folder or a parent holding it (default: the dataset's ``default_root``).
+        options: dataset-specific (cuhk03: ``labeled``, ``classic``, ``split_id``).
+
+    Raises:
+        UnknownNameError: unknown dataset name (lists the choices).
+        DatasetLayoutError: missing root or wrong layout (names the expected folder and what was found).
+    """
+    spec = DATASETS[name]
+    if spec.reid is None:
+        raise InputError(f"dataset {name!r} has no re-ID split; choose one of {list(REID_DATASETS())}")
+    path = _root(name, root)
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{name}: dataset root {path} not found ({reid.listing(path)})")
+    return spec.reid(path, **options)
+
+
+def load_labeled(name: str, root: str | Path | None, split: str) -> cls.LabeledSet:
+    """A classification dataset's ``train`` or ``test`` split (images and labels)."""
+    spec = DATASETS[name]
+    if spec.classification is None:
+        raise InputError(f"dataset {name!r} has no class labels; choose one of {list(CLASSIFICATION_DATASETS())}")
+    return spec.classification(_root(name, root), split)

@@ -1,0 +1,1 @@
+"""Videos to person tracklets: the person detector registry and the tracker."""

@@ -1,0 +1,221 @@
+"""Supervised fine-tuning of an SSL backbone on a labelled re-ID train split, through torchreid.
+
+The LUPerson-style downstream protocol: the checkpoint's backbone becomes a torchreid ResNet
+(:func:`reid_ssl.export.build_torchreid_model`, checked load), torchreid's ``ImageDataManager`` feeds the
+train split (read by our loaders, registered as a torchreid dataset), and torchreid's engine computes the loss
+and steps the optimizer: ``softmax`` (label-smoothed cross-entropy, ``ImageSoftmaxEngine``) or ``triplet``
+(batch-hard triplet + cross-entropy with an identity sampler, ``ImageTripletEngine``). We drive the epochs
+ourselves (``engine.forward_backward`` per batch) rather than ``engine.run``, which writes torchreid
+checkpoints that do not load under torch >= 2.6 and evaluates with its printing evaluator. The result is saved
+in our checkpoint format, so ``reid_ssl eval`` (and index, app) read it like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reid_ssl.checkpoint import backbone_block, load_checkpoint, save_checkpoint
+from reid_ssl.errors import DatasetLayoutError, InputError
+from reid_ssl.images import check_images
+
+FINETUNE_LOSSES = ("softmax", "triplet")
+_REGISTERED = itertools.count()
+
+
+def default_output(checkpoint: str | Path, dataset: str, loss: str) -> Path:
+    """``<checkpoint folder>/finetune_<dataset>_<loss>/checkpoint.pt``."""
+    return Path(checkpoint).resolve().parent / f"finetune_{dataset}_{loss}" / "checkpoint.pt"
+
+
+def finetune(
+    checkpoint: str | Path,
+    dataset: str,
+    root: str | Path | None = None,
+    out: str | Path | None = None,
+    loss: str = "softmax",
+    epochs: int = 1,
+    max_steps: int | None = None,
+    batch_size: int = 32,
+    lr: float = 3.5e-4,
+    weight_decay: float = 5e-4,
+    num_instances: int = 4,
+    margin: float = 0.3,
+    num_workers: int = 0,
+    seed: int = 0,
+    device: str | None = None,
+    split_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the checkpoint's backbone on ``dataset``'s train split; save it as a reid_ssl checkpoint.
+
+    Args:
+        checkpoint: reid_ssl checkpoint (its preprocessing sets the input size and normalisation).
+        dataset, root, split_options: see :func:`reid_ssl.reid_data.load_split`; the split needs a train list.
+        out: output checkpoint (default: :func:`default_output`).
+        loss: ``"softmax"`` or ``"triplet"`` (triplet samples ``num_instances`` images per identity).
+        max_steps: stop after this many optimizer steps (smoke runs), whatever ``epochs`` says.
+        lr, weight_decay: Adam, torchreid's defaults for ResNet-50 fine-tuning; cosine decay per epoch.
+        log: receives one progress line per epoch (and torchreid's own chatter).
+
+    Returns:
+        ``{"checkpoint", "steps", "epochs", "history", "num_train_images", "num_train_ids",
+        "skipped_train_images", "seconds", ...}``. Train images that fail to decode are skipped and listed.
+
+    Raises:
+        ValueError: unknown loss, no train list, or fewer train images/identities than one batch needs.
+    """
+    from reid_ssl.data.datasets import load_split
+    from reid_ssl.data.torchreid_bridge import import_torchreid, torchreid_dataset_class
+    from reid_ssl.export import build_torchreid_model
+
+    if loss not in FINETUNE_LOSSES:
+        raise InputError(f"unknown loss {loss!r}; choose one of {list(FINETUNE_LOSSES)}")
+    if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
+        raise InputError("epochs, batch_size and max_steps must be >= 1")
+    say = log or (lambda line: None)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    pre = ckpt["preprocess"]
+    split = load_split(dataset, root, **(split_options or {}))
+    if not split.train:
+        raise DatasetLayoutError(f"{dataset}: no train list under {split.root} (SYSU-30k's test set cannot be fine-tuned on)")
+
+    # ---- data: our lists, checked images, registered as a torchreid dataset --------------------------------
+    good, bad = check_images(Path(p) for p, _, _ in split.train)
+    readable = {str(p) for p in good}
+    split.train = [item for item in split.train if item[0] in readable]
+    num_ids = len({pid for _, pid, _ in split.train})
+    if loss == "triplet" and (batch_size % num_instances or num_ids < batch_size // num_instances):
+        raise InputError(
+            f"triplet batches of {batch_size} = {batch_size // num_instances} identities x "
+            f"{num_instances} images need batch_size divisible by num_instances and at least "
+            f"{batch_size // num_instances} train identities ({num_ids} here)"
+        )
+    if len(split.train) < batch_size:
+        raise InputError(
+            f"{dataset}: {len(split.train)} readable train images, fewer than one batch of "
+            f"{batch_size}; lower --batch-size"
+        )
+    torchreid = import_torchreid()
+    source = f"reid_ssl_finetune_{os.getpid()}_{next(_REGISTERED)}"
+    torchreid.data.register_image_dataset(source, torchreid_dataset_class(dataset, split=split))
+    use_gpu = device is not None and torch.device(device).type == "cuda"
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        dm = torchreid.data.ImageDataManager(
+            root=str(split.root),
+            sources=source,
+            height=int(pre["height"]),
+            width=int(pre["width"]),
+            transforms=["random_flip"],
+            norm_mean=list(pre["mean"]),
+            norm_std=list(pre["std"]),
+            use_gpu=use_gpu,
+            batch_size_train=batch_size,
+            batch_size_test=batch_size,
+            workers=num_workers,
+            num_instances=num_instances,
+            train_sampler="RandomIdentitySampler" if loss == "triplet" else "RandomSampler",
+        )
+
+    # ---- model, optimizer, engine --------------------------------------------------------------------
+    torch.manual_seed(seed)
+    model = build_torchreid_model(ckpt, num_classes=dm.num_train_pids, loss=loss)
+    if use_gpu:
+        model = model.cuda()
+    optimizer = torchreid.optim.build_optimizer(model, optim="adam", lr=lr, weight_decay=weight_decay)
+    scheduler = torchreid.optim.build_lr_scheduler(optimizer, lr_scheduler="cosine", max_epoch=epochs)
+    if loss == "softmax":
+        engine = torchreid.engine.ImageSoftmaxEngine(
+            dm, model, optimizer, scheduler=scheduler, use_gpu=use_gpu, label_smooth=True
+        )
+    else:
+        engine = torchreid.engine.ImageTripletEngine(
+            dm,
+            model,
+            optimizer,
+            margin=margin,
+            weight_t=1.0,
+            weight_x=1.0,
+            scheduler=scheduler,
+            use_gpu=use_gpu,
+            label_smooth=True,
+        )
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    history: list[dict[str, float]] = []
+    step = epoch = 0
+    for epoch in range(1, epochs + 1):
+        engine.set_model_mode("train")
+        sums: dict[str, float] = {}
+        batches = 0
+        for batch in dm.train_loader:
+            summary = engine.forward_backward(batch)
+            for key, value in summary.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            batches += 1
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                break
+        engine.update_lr()
+        means = {k: v / max(1, batches) for k, v in sums.items()}
+        history.append({"epoch": epoch, "steps": batches, **means})
+        say(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if max_steps is not None and step >= max_steps:
+            break
+    if chatter.getvalue() and log is not None:
+        print(chatter.getvalue(), end="", file=sys.stderr)
+
+    # ---- save in our format --------------------------------------------------------------------------
+    name = ckpt["backbone"]["name"]
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    settings = {
+        "dataset": dataset,
+        "root": str(split.root),
+        "loss": loss,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "num_instances": num_instances,
+        "margin": margin,
+        "seed": seed,
+        "num_train_ids": dm.num_train_pids,
+        "parent_checkpoint": str(checkpoint),
+        "parent_sha256": ckpt["backbone"]["sha256"],
+    }
+    out_path = Path(out) if out is not None else default_output(checkpoint, dataset, loss)
+    save_checkpoint(
+        out_path,
+        {
+            "backbone": backbone_block(name, int(ckpt["backbone"]["feature_dim"]), state),
+            "preprocess": pre,
+            "config": {"finetune": settings, "pretrain": ckpt.get("config", {})},
+            "step": step,
+            "epoch": epoch,
+        },
+    )
+    return {
+        "checkpoint": str(out_path),
+        "steps": step,
+        "epochs": epoch,
+        "history": history,
+        "num_train_images": len(split.train),
+        "num_train_ids": dm.num_train_pids,
+        "skipped_train_images": [{"image": str(p), "reason": r} for p, r in bad],
+        "settings": settings,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

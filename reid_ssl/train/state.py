@@ -1,0 +1,178 @@
+"""Everything a run carries between processes and restarts: seeds and RNG states, the model it starts from,
+the training checkpoint payload, and where a resume comes from."""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reid_ssl.checkpoint import backbone_block, load_checkpoint, preprocess_from_config, read_backbone_weights
+from reid_ssl.config import SAFE_ON_RESUME, Config, apply_changes, config_diff, from_dict, to_dict
+from reid_ssl.errors import CheckpointError, MissingFileError, ReidSslError
+from reid_ssl.models import SSLModel
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors / plain lists (loadable with weights_only=True)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_model(cfg: Config) -> SSLModel:
+    m = cfg.model
+    model = SSLModel(
+        backbone=m.backbone,
+        proj_hidden_dim=m.proj_hidden_dim,
+        proj_dim=m.proj_dim,
+        pred_hidden_dim=m.pred_hidden_dim,
+        predictor=m.predictor,
+        target=m.target,
+        multires_online=m.multires_online if m.multires else None,
+        multires_target=m.multires_target if m.multires else None,
+    )
+    if m.init:
+        load_backbone_init(model, m.init)
+    return model
+
+
+def load_backbone_init(model: SSLModel, path: str) -> None:
+    """Initialise online AND target backbone from a local weights file (:func:`read_backbone_weights`).
+
+    Projector and predictor stay freshly initialised, as in the reference SYSU-30k run.
+
+    Raises:
+        CheckpointError: the file is not loadable, or its weights do not fit ``model.backbone``.
+    """
+    try:
+        sd, kind = read_backbone_weights(path)
+    except ReidSslError as e:
+        raise CheckpointError(f"model.init: {e}") from None
+    missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"model.init={path} ({kind}): weights do not fit {model.backbone_name} "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
+    if model.target_backbone is not None:
+        model.target_backbone.load_state_dict(model.backbone.state_dict())
+
+
+def autocast_context(amp: str, device: torch.device):  # type: ignore[no-untyped-def]
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def training_checkpoint(
+    cfg: Config,
+    model: SSLModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    history: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "backbone": backbone_block(cfg.model.backbone, model.backbone.feature_dim, model.backbone.state_dict()),
+        "preprocess": preprocess_from_config(cfg),
+        "config": to_dict(cfg),
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        # the online backbone is already in "backbone"; store the rest of the pair once
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "history": history,
+    }
+
+
+@dataclass
+class RunPlan:
+    """What :func:`plan_run` decided: the config to train with, and the checkpoint to continue (if any)."""
+
+    cfg: Config
+    checkpoint: dict[str, Any] | None = None  # the loaded training checkpoint to resume from
+    source: Path | None = None  # where it came from
+    changes: list[str] = field(default_factory=list)  # safe changes applied on resume, "key: old -> new"
+    notes: list[str] = field(default_factory=list)  # lines for the log
+
+
+def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str, Any] | None = None) -> RunPlan:
+    """Decide how a ``train`` call treats the checkpoint in ``cfg.train.out_dir`` (or the one ``resume`` names).
+
+    * No checkpoint there, or ``overwrite``: a fresh run.
+    * A checkpoint whose config matches ``cfg`` up to :data:`~reid_ssl.config.SAFE_ON_RESUME` keys (more epochs,
+      logging, monitor, device, workers): that run continues, with those changes applied and logged. This is
+      what makes an interrupted ``make demo`` continue where it stopped.
+    * With ``resume`` and ``changes``: the stored config with only ``changes`` applied (the command line's
+      ``-c`` file and ``key=value`` pairs), checked the same way.
+    * Anything else that differs changes the run's meaning: refused, listing the differences and the way out.
+
+    Raises:
+        MissingFileError: ``resume`` names a checkpoint that does not exist.
+        CheckpointError: the checkpoint belongs to a different run, or cannot be read.
+    """
+    path = Path(cfg.train.out_dir) / CHECKPOINT_NAME if not isinstance(resume, str) else Path(resume)
+    if isinstance(resume, str) and not path.is_file():
+        raise MissingFileError(f"--resume: no checkpoint at {path}")
+    if overwrite or not path.is_file():
+        notes = [f"--overwrite: starting afresh; {path} will be replaced"] if overwrite and path.is_file() else []
+        if resume is True and not path.is_file():
+            notes.append(f"--resume: no checkpoint at {path} yet, starting afresh")
+        return RunPlan(cfg, notes=notes)
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt or "rng" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds no training state (an exported or fine-tuned checkpoint); pass a new train.out_dir, "
+            "or --overwrite to replace it"
+        )
+    stored = from_dict(ckpt["config"])
+    requested = apply_changes(stored, changes) if (resume and changes is not None) else cfg
+    diffs = config_diff(stored, requested)
+    unsafe = [k for k in diffs if k not in SAFE_ON_RESUME]
+    if unsafe:
+        listed = "; ".join(f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in unsafe[:8])
+        more = f" (and {len(unsafe) - 8} more)" if len(unsafe) > 8 else ""
+        way_out = "" if resume else " `--resume` to continue it with its own config,"
+        raise CheckpointError(
+            f"{path} holds a run whose config differs in what it trains: {listed}{more}. Use{way_out} a new "
+            "train.out_dir, or --overwrite to replace it"
+        )
+    applied = [f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in diffs]
+    notes = [f"continuing {path} (step {ckpt['step']})"] + [f"changed on resume: {c}" for c in applied]
+    return RunPlan(requested, ckpt, path, applied, notes)

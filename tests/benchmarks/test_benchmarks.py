@@ -1,0 +1,255 @@
+"""The benchmark scripts' ``--smoke`` modes end to end, and the pure helpers they share.
+
+Each script runs in its own subprocess (single-threaded in smoke mode); all four start together, so the module
+takes about as long as the slowest one plus the CPU they share (~1 min on 2 cores). Each test then checks
+the JSON its script wrote: the expected keys, finite numbers, and the PNG next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+
+from benchmarks import common
+
+REPO = common.REPO
+HAVE_PETS09 = common.dataset_available("pets09") is None
+HAVE_FASHION = common.dataset_available("fashion-mnist") is None
+HAVE_LIGHTLY = common.package_version("lightly") is not None
+# Keys whose value may be null: no GPU / package, or a curve that never reaches BYOL's final accuracy.
+NULLABLE = {"gpu", "lightly", "mean_curve", "per_seed"}
+SMOKE_TIMEOUT_S = 300
+
+
+def _scripts() -> dict[str, list[str]]:
+    datasets = "fashion-mnist,pets09" if HAVE_PETS09 else "fashion-mnist"
+    scripts = {
+        "efficiency": ["--datasets", datasets],
+        "ablations": [],
+        "peer_lightly": [],
+        "throughput": [],
+    }
+    if not HAVE_LIGHTLY:
+        del scripts["peer_lightly"], scripts["throughput"]
+    return scripts
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """Start every script's smoke mode at once; yields name -> (process, JSON path)."""
+    if not HAVE_FASHION:
+        pytest.skip(common.dataset_available("fashion-mnist"))
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    procs = {}
+    for name, extra in _scripts().items():
+        out = tmp / f"{name}.json"
+        cmd = [sys.executable, str(REPO / "benchmarks" / f"bench_{name}.py"), "--smoke", "--out", str(out), *extra]
+        log = (tmp / f"{name}.log").open("w")
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out)
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def result_of(smoke: dict[str, tuple[subprocess.Popen, Path]], name: str) -> dict[str, Any]:
+    if name not in smoke:
+        pytest.skip("lightly is not installed (pip install -e '.[bench]')")
+    proc, out = smoke[name]
+    rc = proc.wait(timeout=SMOKE_TIMEOUT_S)
+    log = out.with_suffix(".log").read_text()
+    assert rc == 0, f"bench_{name}.py --smoke failed:\n{log[-3000:]}"
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and result["smoke"] is True
+    assert {"cpu", "cores_available", "torch", "load_average_1_5_15"} <= set(result["machine"])
+    assert result["date"] and result["command"].startswith("python benchmarks/bench_")
+    assert_finite(result)
+    return result
+
+
+def leaves(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(nearest dict key, value) for every scalar in a JSON tree."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from leaves(v, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from leaves(v, key)
+    else:
+        yield key, obj
+
+
+def assert_finite(result: dict[str, Any]) -> None:
+    for key, value in leaves(result):
+        if value is None:
+            assert key in NULLABLE or key.startswith("epochs_to_byol_final"), f"{key} is null"
+        elif isinstance(value, float):
+            assert math.isfinite(value), f"{key} = {value}"
+
+
+def assert_curve(curve: dict[str, list[Any]], points: int) -> None:
+    assert curve["epochs"] == list(range(points))
+    assert len(curve["mean"]) == len(curve["std"]) == points
+    assert all(0.0 <= v <= 1.0 for v in curve["mean"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Smoke runs of the scripts
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_efficiency_smoke(smoke):
+    r = result_of(smoke, "efficiency")
+    assert r["settings"]["methods"] == ["truncated_triplet", "byol", "simclr"]
+    expected = {"fashion-mnist": ("knn_top1", 3)} | ({"pets09": ("rank1", 2)} if HAVE_PETS09 else {})
+    assert set(r["datasets"]) == set(expected)
+    for dataset, (metric, points) in expected.items():
+        d = r["datasets"][dataset]
+        assert set(d["methods"]) == {"truncated_triplet", "byol", "simclr"}
+        assert Path(d["plot"]).stat().st_size > 5000
+        assert d["byol_final"][metric]["mean"] == d["methods"]["byol"]["final"][metric]["mean"]
+        for entry in d["methods"].values():
+            assert_curve(entry["curves"][metric], points)
+            assert len(entry["runs"]) == 1 and entry["runs"][0]["seconds"] > 0
+            to_byol = entry["epochs_to_byol_final"][metric]
+            assert to_byol["mean_curve"] is None or 0 <= to_byol["mean_curve"] < points
+            if dataset == "fashion-mnist":
+                assert 0.0 < entry["linear_top1"]["mean"] <= 1.0
+        assert [row["method"] for row in d["table"]] == ["truncated_triplet", "byol", "simclr"]
+    if HAVE_PETS09:
+        assert "mAP" in r["datasets"]["pets09"]["methods"]["byol"]["curves"]
+
+
+@pytest.mark.slow
+def test_peer_lightly_smoke(smoke):
+    r = result_of(smoke, "peer_lightly")
+    for name in ("byol", "simclr"):
+        eq = r["loss_equivalence"][name]
+        assert eq["max_abs_value_diff"] < 1e-9 and eq["max_abs_grad_diff"] < 1e-9
+        m = r["datasets"]["fashion-mnist"]["methods"][name]
+        assert isinstance(m["within_noise"], bool)
+        k = m["metrics"]["knn_top1"]
+        assert len(k["diff_of_means"]) == len(k["stderr_of_diff"]) == 3
+        assert_curve(k["lightly"], 3)
+        assert [run["impl"] for run in m["runs"]["lightly"]] == ["lightly"]
+    assert Path(r["datasets"]["fashion-mnist"]["plot"]).is_file()
+
+
+@pytest.mark.slow
+def test_ablations_smoke(smoke):
+    r = result_of(smoke, "ablations")
+    rows = {row["variant"]: row for row in r["table"]}
+    assert set(rows) == {"reference", "rank_k", "median", "bag_positives", "ddp2_gathered"}
+    head = "rank1" if HAVE_PETS09 else "knn_top1"
+    assert rows["reference"][f"delta_{head}"] == 0.0
+    assert r["variants"]["ddp2_gathered"]["processes"] == 2  # ran under torchrun with 2 gloo processes
+    assert "train.batch_size=12" in r["variants"]["ddp2_gathered"]["overrides"]
+    k = int(r["variants"]["rank_k"]["overrides"][0].split("=")[1])
+    assert 2 <= k < 24
+    if HAVE_PETS09:
+        assert 0.0 <= rows["bag_positives"][f"final_{head}"] <= 1.0
+    else:
+        assert "no bags" in rows["bag_positives"]["skipped"]
+    assert Path(r["plot"]).stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_throughput_smoke(smoke):
+    r = result_of(smoke, "throughput")
+    for method in ("byol", "simclr"):
+        loop = r["loops"][method]
+        assert loop["ours_img_per_s"] > 0 and loop["reference_img_per_s"] > 0
+        assert loop["ratio_ours_over_reference"] > 0
+    assert "reference_img_per_s" not in r["loops"]["truncated_triplet"]
+    for entry in r["data_loading"].values():
+        assert 0.0 <= entry["data_wait_fraction"] <= 1.0 and entry["loader_only_img_per_s"] > 0
+    assert r["flags"]["baseline"]["speedup_vs_baseline"] == 1.0
+    assert {"channels_last_off", "bf16_autocast", "multires_on"} <= set(r["flags"])
+    assert "skipped" in r["flags"]["compile"]
+    fx = r["feature_extraction"]
+    assert fx["tensor_flip_off_img_per_s"] > 0 and fx["images_workers_0_img_per_s"] > 0
+    assert Path(r["plot"]).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAVE_PETS09, reason="PETS09 crops not built (make data)")
+def test_pets09_default_smoke(tmp_path):
+    """The README table's script on the real split, with an untrained checkpoint standing in for the demo's."""
+    from tests.helpers import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "c.pt", height=64, width=32, seed=7)
+    out = tmp_path / "pets09.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/bench_pets09_default.py"), "--smoke", "--checkpoint", str(ckpt)]
+    done = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    models = [r["model"] for r in result["rows"]]
+    assert len(models) == 3 and "random init (seed 0)" in models[1] and "histogram" in models[2]
+    assert result["num_query"] == 184 and result["rows"][0]["test_size"] == "64x32"
+    for row in result["rows"]:
+        assert 0 < row["mAP"] <= 1 and row["rank1"] <= row["rank5"] <= row["rank10"] <= 1
+    # the histogram row is the documented baseline (datasets/README.md)
+    assert abs(result["rows"][2]["rank1"] - 0.473) < 0.05
+
+
+def test_mean_spread_uses_the_sample_std_and_ignores_missing_values():
+    s = common.mean_spread([0.5, 0.7, None, float("nan")])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(math.sqrt(0.02)) and s["n"] == 2
+    assert common.mean_spread([0.3])["std"] == 0.0
+    assert common.mean_spread([])["mean"] is None
+
+
+def test_first_epoch_reaching():
+    assert common.first_epoch_reaching([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.6], 0.45) == 1
+    assert common.first_epoch_reaching([0, 1, 2], [0.1, None, 0.2], 0.3) is None
+    # the untrained network (epoch 0) reaching the threshold does not count as reaching it by training
+    assert common.first_epoch_reaching([0, 1, 2, 3], [0.8, 0.6, 0.7, 0.75], 0.7) == 2
+
+
+def test_curve_summary_per_epoch():
+    c = common.curve_summary([0, 1], [[0.1, 0.3], [0.3, 0.5]])
+    assert c["mean"] == pytest.approx([0.2, 0.4]) and c["min"] == [0.1, 0.3] and c["max"] == [0.3, 0.5]
+
+
+def test_jsonable_writes_strict_json(tmp_path):
+    import numpy as np
+
+    path = common.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": (1, np.int64(2))})
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": None, "c": [1, 2]}
+
+
+def test_parse_size():
+    assert common.parse_size("32") == (32, 32) and common.parse_size("128x64") == (128, 64)
+
+
+def test_methods_share_everything_but_the_loss():
+    p = common.preset("fashion-mnist")
+    configs = {m: common.to_dict(common.build_config(p, m, 3)) for m in common.METHODS}
+    for m, cfg in configs.items():
+        assert cfg["data"] == configs["byol"]["data"] and cfg["optim"] == configs["byol"]["optim"]
+        assert cfg["model"]["backbone"] == "resnet18" and cfg["train"]["seed"] == 3, m
+    assert configs["simclr"]["model"]["target"] == "shared" and not configs["simclr"]["model"]["predictor"]
+    bern = configs["truncated_triplet_bernoulli"]["loss"]
+    assert bern["k_lo"] == bern["k_hi"] > 10  # 127 negatives, 10 classes: ~13 same-class negatives expected
+
+
+def test_steady_rate_skips_the_warmup_steps():
+    assert common.steady_rate([5.0, 6.0, 7.0, 8.0], batch=10, warmup=1) == pytest.approx(10.0)
+    assert common.steady_rate([1.0], batch=10, warmup=1) is None
