@@ -85,16 +85,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss and its hyperparameters (method.md §1.8-1.9, §1.16)."""
+    """Loss and its hyperparameters (docs/method.md, "The truncated triplet loss" and "Choosing k")."""
 
     name: str = "truncated_triplet"  # a name in reid_ssl.losses.LOSSES
-    k_lo: int = 2  # deputy = mean of the negatives ranked k_lo..k_hi by similarity (1-based)
+    # The deputy = mean of the negatives ranked k_lo..k_hi by similarity (1-based). k: "fixed" uses k_lo..k_hi as
+    # given (the paper's 2..10); "auto" applies the paper's Bernoulli rule: k_lo = the smallest rank whose negative
+    # is another identity with probability >= k_confidence, given the negatives per anchor and the number of
+    # identities, and the window keeps its width (k_hi - k_lo).
+    k: Literal["fixed", "auto"] = "fixed"
+    k_lo: int = 2
     k_hi: int = 10
+    k_confidence: float = 0.99
+    identities: int = 0  # identities in the training data, for k=auto; 0 = estimate from the bags (tracklets)
     gamma: float = 2.0
     margin: float = 100.0
     temperature: float = 0.2  # simclr only
     gather_negatives: bool = False  # DDP: use every rank's target embeddings as negatives (reference: off)
-    assumed_identities: int = 0  # for the logged Bernoulli check of k (method.md §1.16); 0 = skip
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,7 @@ def validate(cfg: Config) -> Config:
             "augment.crop_scale must be 0 < lo <= hi <= 1",
         ),
         (1 <= cfg.loss.k_lo <= cfg.loss.k_hi, "loss.k_lo and loss.k_hi need 1 <= k_lo <= k_hi"),
+        (0 < cfg.loss.k_confidence < 1 and cfg.loss.identities >= 0, "loss.k_confidence in (0, 1), loss.identities >= 0"),
         (cfg.loss.gamma > 0 and cfg.loss.temperature > 0, "loss.gamma and loss.temperature must be > 0"),
         (cfg.optim.lr > 0 and cfg.optim.weight_decay >= 0, "optim.lr must be > 0 and weight_decay >= 0"),
         (
@@ -227,7 +234,7 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if cfg.loss.name in ("truncated_triplet", "median_triplet") and cfg.train.batch_size - 1 < cfg.loss.k_hi:
+    if cfg.loss.name == "truncated_triplet" and cfg.loss.k == "fixed" and cfg.train.batch_size - 1 < cfg.loss.k_hi:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} gives {cfg.train.batch_size - 1} negatives per "
             f"anchor, fewer than loss.k_hi={cfg.loss.k_hi}"

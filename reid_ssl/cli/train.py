@@ -86,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
             ("seconds", summary["seconds"]),
             ("bad images skipped", summary["bad_images"]),
         ]
+        rule = summary["k_rule"]
+        if "p_true_negative" in rule:
+            rows.append(
+                (
+                    "deputy window",
+                    f"ranks {rule['k_lo']}..{rule['k_hi']} (k={rule['k']}; {rule['identities']} identities, "
+                    f"{rule['identities_source']}; P(rank {rule['k_lo']} is another identity) = {rule['p_true_negative']:.3f})",
+                )
+            )
         rows += [(f"monitor {k}", v) for k, v in summary["monitor"].items()]
         print_table(rows, "training done")
     return 0

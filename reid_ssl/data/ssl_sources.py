@@ -37,6 +37,46 @@ class SSLItem:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BagStats:
+    """What the bags (tracklets) of a source say about how many people it shows.
+
+    Attributes:
+        bags: number of bags: an upper bound on identities when every bag is one person.
+        max_cooccurring: the most bags whose frame spans overlap at one frame (file stems read as frame
+            numbers, one timeline): a person is in one place at a time, so at least this many different
+            identities exist; 0 when the file names are not frame numbers.
+    """
+
+    bags: int
+    max_cooccurring: int
+
+
+def bag_stats(items: Sequence[SSLItem]) -> BagStats:
+    """:class:`BagStats` of a list of items (bags from :func:`folder_source` and the like)."""
+    spans: dict[int, list[int]] = {}
+    numeric = True
+    for it in items:
+        if it.bag < 0:
+            continue
+        frame = it.path.stem if it.path is not None else ""
+        if not frame.isdigit():
+            numeric = False
+            spans.setdefault(it.bag, [])
+            continue
+        lo_hi = spans.setdefault(it.bag, [int(frame), int(frame)])
+        if lo_hi:
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], int(frame)), max(lo_hi[1], int(frame))
+    if not numeric or not spans:
+        return BagStats(len(spans), 0)
+    events = sorted([(lo, 1) for lo, _ in spans.values()] + [(hi + 1, -1) for _, hi in spans.values()])
+    best = current = 0
+    for _, delta in events:
+        current += delta
+        best = max(best, current)
+    return BagStats(len(spans), best)
+
+
 def _expect_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         parent = path.parent

@@ -35,3 +35,21 @@ def smallest_safe_k(negatives: int, classes: int, confidence: float = 0.99) -> i
         if prob_rank_k_true_negative(negatives, classes, k) >= confidence:
             return k
     return negatives
+
+
+def auto_window(negatives: int, identities: int, width: int, confidence: float = 0.99) -> tuple[int, int, float]:
+    """The deputy window the Bernoulli rule chooses: ``(k_lo, k_hi, P(rank-k_lo negative is a true one))``.
+
+    ``k_lo`` is :func:`smallest_safe_k`; the window keeps ``width`` ranks (the paper's 2..10 has width 9) and is
+    shifted down when it would pass the last negative.
+
+    Args:
+        negatives: negatives per anchor (batch size - 1, times the processes when negatives are gathered).
+        identities: number of identities (classes) in the training data.
+        width: ranks averaged into the deputy, >= 1.
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    k_lo = min(smallest_safe_k(negatives, identities, confidence), max(1, negatives - width + 1))
+    k_hi = min(k_lo + width - 1, negatives)
+    return k_lo, k_hi, prob_rank_k_true_negative(negatives, identities, k_lo)

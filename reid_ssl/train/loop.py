@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reid_ssl.checkpoint import preprocess_from_config, save_checkpoint
-from reid_ssl.config import Config, to_dict
+from reid_ssl.config import Config, LossConfig, to_dict
 from reid_ssl.data.augment import TwoViewDataset, two_view_dataset
 from reid_ssl.data.sampler import EpochSampler
 from reid_ssl.distributed import Dist, gather_rows, init_distributed, shutdown
@@ -39,6 +39,7 @@ from reid_ssl.train.state import (
     autocast_context,
     build_model,
     plan_run,
+    resolve_deputy_window,
     seed_everything,
     set_rng_state,
     training_checkpoint,
@@ -71,6 +72,7 @@ class _Run:
     warmup_steps: int
     out_dir: Path
     logs: MetricsLog | None
+    loss_cfg: LossConfig | None = None  # the loss section with k: auto resolved
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -173,6 +175,8 @@ def _build(plan: RunPlan) -> _Run:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # ----- model, loss, optimizer --------------------------------------------------------------------
+    negatives = cfg.train.batch_size * (d.world_size if cfg.loss.gather_negatives else 1) - 1
+    loss_cfg, k_rule = resolve_deputy_window(cfg, dataset.items, negatives)
     core, model, ddp = _model(cfg, d, device, resumed, plan.source)
     optimizer = build_optimizer(
         cfg.optim.name,
@@ -186,8 +190,9 @@ def _build(plan: RunPlan) -> _Run:
     logs = MetricsLog(out_dir, cfg.train.tensorboard) if d.main else None
     run = _Run(
         cfg, d, device, dataset, sampler, loader, loader_rng, model, core, ddp, optimizer, scaler,
-        loss_from_config(cfg.loss), total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), out_dir, logs,
+        loss_from_config(loss_cfg), total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), out_dir, logs,
     )  # fmt: skip
+    run.loss_cfg = loss_cfg
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         if scaler is not None and resumed.get("scaler"):
@@ -197,8 +202,8 @@ def _build(plan: RunPlan) -> _Run:
         set_rng_state(resumed["rng"])
         if d.main:
             log.info("resumed %s at step %d (epoch %d, batch %d)", plan.source, run.step, run.epoch, run.batch_in_epoch)
+    run.history["k_rule"] = k_rule
     if d.main:
-        negatives = cfg.train.batch_size * (d.world_size if cfg.loss.gather_negatives else 1) - 1
         log.info(
             "data: %d images from %s (%s); %d optimizer steps of %d x %d x %d images; %d negatives/anchor",
             len(dataset), cfg.data.source, cfg.data.root, total_steps,
@@ -206,6 +211,13 @@ def _build(plan: RunPlan) -> _Run:
         )  # fmt: skip
         for note in plan.notes:
             log.info("%s", note)
+        if "p_true_negative" in k_rule:
+            log.info(
+                "Bernoulli rule (k=%s): %d negatives, %d identities (%s): deputy ranks %d..%d, the rank-%d negative "
+                "is another identity with probability %.3f",
+                k_rule["k"], negatives, k_rule["identities"], k_rule["identities_source"],
+                loss_cfg.k_lo, loss_cfg.k_hi, loss_cfg.k_lo, k_rule["p_true_negative"],
+            )  # fmt: skip
     return run
 
 
@@ -269,7 +281,7 @@ def _train_epoch(run: _Run, bar: tqdm) -> None:
             if run.step % cfg.train.log_every_steps == 0 or run.step == run.total_steps:
                 assert run.logs is not None
                 wait = data_s / max(time.perf_counter() - t_log, 1e-9)
-                k_lo, k_hi = cfg.loss.k_lo, cfg.loss.k_hi
+                k_lo, k_hi = run.loss_cfg.k_lo, run.loss_cfg.k_hi
                 run.logs.step(run.step, run.epoch, run.last_loss, lr, momentum, rate, wait, similarity_stats(p1, z2, k_lo, k_hi))
                 data_s, t_log = 0.0, time.perf_counter()
         if run.step % cfg.train.checkpoint_every_steps == 0:
@@ -364,6 +376,7 @@ def _summary(run: _Run, plan: RunPlan, already_finished: bool = False) -> dict[s
         "resumed_at_step": plan.checkpoint["step"] if plan.checkpoint is not None else None,
         "already_finished": already_finished,
         "changes_applied": plan.changes,
+        "k_rule": run.history.get("k_rule", {}),
     }
     if run.logs is not None:
         run.logs.close(to_dict(run.cfg))

@@ -3,6 +3,8 @@ the training checkpoint payload, and where a resume comes from."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -13,8 +15,11 @@ import numpy as np
 import torch
 
 from reid_ssl.checkpoint import backbone_block, load_checkpoint, preprocess_from_config, read_backbone_weights
-from reid_ssl.config import SAFE_ON_RESUME, Config, apply_changes, config_diff, from_dict, to_dict
-from reid_ssl.errors import CheckpointError, MissingFileError, ReidSslError
+from reid_ssl.config import SAFE_ON_RESUME, Config, LossConfig, apply_changes, config_diff, from_dict, to_dict
+from reid_ssl.data.ssl_sources import SSLItem, bag_stats
+from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidSslError
+from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
+from reid_ssl.losses.krule import auto_window
 from reid_ssl.models import SSLModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -176,3 +181,45 @@ def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str
     applied = [f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in diffs]
     notes = [f"continuing {path} (step {ckpt['step']})"] + [f"changed on resume: {c}" for c in applied]
     return RunPlan(requested, ckpt, path, applied, notes)
+
+
+def resolve_deputy_window(cfg: Config, items: list[SSLItem], negatives: int) -> tuple[LossConfig, dict[str, Any]]:
+    """The ``loss`` section the loss is built from, with ``k: auto`` turned into a concrete window.
+
+    Identities: ``loss.identities`` when set, else estimated from the bags as the geometric mean of a lower
+    bound (the most bags seen at one time: different people) and an upper bound (the number of bags: one
+    person each at most once), which minimises the worst-case ratio error within those bounds; the number of
+    bags alone when the file names are not frame numbers. Returns the section and what was decided (logged and
+    kept in the checkpoint's history).
+
+    Raises:
+        InputError: ``k: auto`` on a source without bags and without ``loss.identities``.
+    """
+    loss = cfg.loss
+    info: dict[str, Any] = {"k": loss.k, "negatives": negatives}
+    if loss.name not in WINDOWED_LOSSES:
+        return loss, info
+    identities, source = loss.identities, "loss.identities"
+    if identities == 0:
+        stats = bag_stats(items)
+        info.update(bags=stats.bags, max_cooccurring_bags=stats.max_cooccurring)
+        if stats.bags and stats.max_cooccurring:
+            identities = max(1, round(math.sqrt(stats.bags * stats.max_cooccurring)))
+            source = f"estimated: sqrt({stats.max_cooccurring} co-occurring bags x {stats.bags} bags)"
+        elif stats.bags:
+            identities, source = stats.bags, f"estimated: {stats.bags} bags"
+    if identities == 0:
+        if loss.k == "auto":
+            raise InputError(
+                f"loss.k=auto needs the number of identities: set loss.identities (data.source={cfg.data.source} "
+                "has no bags to estimate it from)"
+            )
+        return loss, info
+    info.update(identities=identities, identities_source=source)
+    if loss.k == "auto":
+        k_lo, k_hi, p = auto_window(negatives, identities, loss.k_hi - loss.k_lo + 1, loss.k_confidence)
+        loss = dataclasses.replace(loss, k_lo=k_lo, k_hi=k_hi)
+    else:
+        p = prob_rank_k_true_negative(negatives, identities, loss.k_lo)
+    info.update(k_lo=loss.k_lo, k_hi=loss.k_hi, p_true_negative=p)
+    return loss, info

@@ -146,3 +146,18 @@ def test_sampler_shards_without_overlap_and_resumes():
     assert list(a) != ia
     with pytest.raises(ValueError, match="fewer than one batch"):
         EpochSampler(10, 8, 0, 0, 2)
+
+
+def test_bag_stats_bound_the_number_of_people(tmp_path):
+    from reid_ssl.data.ssl_sources import bag_stats, folder_source
+    from tests.helpers import write_person_image
+
+    rng = np.random.default_rng(0)
+    # three tracklets: 1 and 2 overlap in time (frames 10-20 and 15-30), 3 comes later (40-50)
+    for track, frames in {1: (10, 20), 2: (15, 30), 3: (40, 50)}.items():
+        for f in frames:
+            write_person_image(tmp_path / "bags" / f"{track:04d}" / f"{f:06d}.jpg", track, rng)
+    stats = bag_stats(folder_source(tmp_path / "bags"))
+    assert (stats.bags, stats.max_cooccurring) == (3, 2)
+    write_person_image(tmp_path / "bags" / "0004" / "not_a_frame.jpg", 4, rng)  # no timeline: no lower bound
+    assert bag_stats(folder_source(tmp_path / "bags")) == type(stats)(4, 0)

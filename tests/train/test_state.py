@@ -1,0 +1,47 @@
+"""Run state: the k: auto window resolved from the data, and how a folder holding a checkpoint is treated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reid_ssl.config import load_config
+from reid_ssl.data.ssl_sources import folder_source
+from reid_ssl.errors import InputError
+from reid_ssl.train.state import resolve_deputy_window
+from tests.helpers import write_person_image
+
+
+def _bags(root: Path, n_bags: int = 12, at_once: int = 3) -> Path:
+    """``n_bags`` tracklets of 4 frames each; ``at_once`` of them overlap in time at any moment."""
+    rng = np.random.default_rng(0)
+    for b in range(n_bags):
+        start = (b // at_once) * 100
+        for f in range(start, start + 4):
+            write_person_image(root / f"{b:04d}" / f"{f:06d}.jpg", b, rng)
+    return root
+
+
+def test_auto_window_from_bags(tmp_path: Path) -> None:
+    items = folder_source(_bags(tmp_path / "bags"))
+    cfg = load_config(None, ["loss.k=auto", "train.batch_size=64"])
+    loss, info = resolve_deputy_window(cfg, items, 63)
+    # 3 bags at once (people are distinct), 12 bags in all: sqrt(3 * 12) = 6 identities
+    assert (info["bags"], info["max_cooccurring_bags"], info["identities"]) == (12, 3, 6)
+    assert loss.k_hi - loss.k_lo == cfg.loss.k_hi - cfg.loss.k_lo and info["p_true_negative"] >= 0.99
+    assert loss.k_lo > cfg.loss.k_lo  # few people in a batch of 64: the paper's rank 2 would often be the same person
+    given, info = resolve_deputy_window(load_config(None, ["loss.k=auto", "loss.identities=1000"]), items, 63)
+    assert info["identities_source"] == "loss.identities" and given.k_lo == 2  # the paper's rank 2, at 1000 ids
+    fixed, info = resolve_deputy_window(load_config(None, []), items, 63)
+    assert (fixed.k_lo, fixed.k_hi) == (2, 10) and 0 < info["p_true_negative"] < 0.99  # logged, not acted on
+
+
+def test_auto_window_needs_identities_or_bags(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for n in range(4):
+        write_person_image(tmp_path / "flat" / f"{n}.jpg", n, rng)
+    items = [type(it)(it.path) for it in folder_source(tmp_path / "flat")]  # no bags
+    with pytest.raises(InputError, match="loss.identities"):
+        resolve_deputy_window(load_config(None, ["loss.k=auto"]), items, 63)
