@@ -167,6 +167,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: {problem}")
     if state_dict_sha256(bb["state_dict"]) != bb["sha256"]:
         raise CheckpointError(f"{path}: backbone weights do not match their recorded sha256 (corrupt file?)")
+    bad = [k for k, v in bb["state_dict"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} backbone tensors hold NaN or infinite weights (e.g. {bad[0]}): the run diverged "
+            "before this checkpoint was written, or it was damaged; use an earlier checkpoint"
+        )
     return ckpt
 
 

@@ -86,3 +86,46 @@ def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON (see :func:`json_text`); returns the path."""
     atomic_write_bytes(path, json_text(obj).encode())
     return Path(path)
+
+
+def read_list_file(path: str | Path) -> list[tuple[int, str]]:
+    """The entries of a text list (image lists, split files) as ``(line number, text)``, however it was written.
+
+    Lists come from other machines and other systems, so: a UTF-8 byte-order mark is dropped; Windows (CRLF)
+    and old Mac (CR) line ends are accepted; bytes that are not UTF-8 (e.g. Latin-1 names from an old NAS) are
+    kept as the same bytes on disk (``surrogateescape``, like ``os.fsdecode``); blank lines and lines starting
+    with ``#`` are skipped; surrounding whitespace is stripped.
+
+    Raises:
+        MissingFileError: no such file.
+    """
+    from reid_ssl.errors import MissingFileError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingFileError(f"list file not found: {path}") from None
+    text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
+    entries = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries.append((n, line))
+    return entries
+
+
+def list_path(root: Path, entry: str) -> Path:
+    """``root / entry`` for a path read from a list; Windows separators are accepted when the file only exists
+    with ``/`` (lists written on Windows), and an absolute entry is used as it is."""
+    path = root / entry
+    if "\\" in entry and not path.exists():
+        alt = root / entry.replace("\\", "/")
+        if alt.exists():
+            return alt
+    return path
+
+
+def display(text: object) -> str:
+    """``text`` safe to print anywhere: bytes that are not UTF-8 (kept as surrogates) shown as ``\\xNN``."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reid_ssl.errors import ImageError, MissingFileError
 
@@ -18,14 +20,23 @@ MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
+# Transparent pixels (LA, RGBA, PA, P with transparency) are composited on this background before the alpha
+# channel is dropped: person crops cut out on a transparent background read as if pasted on white paper.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
 def open_rgb(source: str | Path | Image.Image) -> Image.Image:
-    """Open an image file (or take a PIL image) fully decoded as RGB.
+    """Decode an image file (or take a PIL image) the way an image viewer shows it, as 8-bit RGB.
+
+    The one decoder behind training, evaluation, the index and the app: EXIF orientation is applied, and every
+    Pillow mode is converted faithfully (:func:`to_rgb`). A truncated file fails here, not later in a worker.
 
     Raises:
-        ImageError: with the path and the reason.
+        ImageError: the path and the reason (missing, empty, not an image, truncated, too many pixels, or a
+            mode that cannot be converted faithfully).
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     path = Path(source)
     try:
         if path.stat().st_size == 0:
@@ -35,7 +46,7 @@ def open_rgb(source: str | Path | Image.Image) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # decode now: truncated files fail here, not later in a worker
-                return im.convert("RGB")
+                return to_rgb(im, str(path))
     except ImageError:
         raise
     except FileNotFoundError:
@@ -46,6 +57,63 @@ def open_rgb(source: str | Path | Image.Image) -> Image.Image:
         raise ImageError(f"{path}: refused, too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot decode ({e})") from None
+
+
+def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:
+    """An 8-bit RGB copy of ``im``, upright (EXIF orientation applied) and faithful to its mode.
+
+    * ``I;16`` (and its byte orders): 16-bit values scaled by 255/65535, so an 8-bit image stored as 16 bits
+      (x257) comes back exactly.
+    * ``I`` (32-bit integers): values up to 255 kept, up to 65535 scaled like ``I;16``, larger ranges scaled
+      from their minimum and maximum.
+    * ``F`` (floats): values in [0, 1] scaled by 255, in [0, 255] kept, other ranges scaled from min to max.
+    * Alpha (``LA``, ``RGBA``, ``PA``, ``P`` with transparency): composited on :data:`ALPHA_BACKGROUND`.
+    * ``P``, ``L``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's own conversion.
+    * 48-bit RGB PNGs are decoded by Pillow to 8 bits per channel (the high bytes).
+
+    Raises:
+        ImageError: a mode with no faithful 8-bit conversion.
+    """
+    with contextlib.suppress(OSError, ValueError, TypeError, SyntaxError):  # damaged EXIF: pixels as stored
+        im = ImageOps.exif_transpose(im) or im
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy() if im.readonly else im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(im), mode), mode="L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "PA", "La", "RGBa"):
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode == "RGBA":
+        canvas = Image.new("RGB", im.size, ALPHA_BACKGROUND)
+        canvas.paste(im, mask=im.getchannel("A"))
+        return canvas
+    if mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return im.convert("RGB")
+    raise ImageError(f"{name}: Pillow mode {mode!r} has no faithful 8-bit RGB conversion; convert the file first")
+
+
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Grey values of a 16-bit, 32-bit or float image as uint8 (the rules of :func:`to_rgb`)."""
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        scale, offset = 255.0 / 65535.0, 0.0
+    elif mode == "I" and lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        scale, offset = 255.0 / 65535.0, 0.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scale, offset = 255.0, 0.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    else:
+        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
+    return np.clip(np.rint((a - offset) * scale), 0, 255).astype(np.uint8)
 
 
 def is_image_name(name: str | Path) -> bool:

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code (0 ok, 1 failed, 2 bad usage or input)."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their own bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # usage errors, --help and --version exit here (SystemExit)
     # `key=value` overrides may come after options (`train --json optim.lr=0.1`): argparse leaves those over.

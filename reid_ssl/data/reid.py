@@ -21,6 +21,7 @@ from typing import Any
 
 from reid_ssl.data.market import JUNK_PID, parse_market_name
 from reid_ssl.errors import DatasetLayoutError
+from reid_ssl.fileio import read_list_file
 from reid_ssl.images import list_images
 
 Item = tuple[str, int, int]  # (img_path, pid, camid), torchreid's contract
@@ -160,9 +161,7 @@ def load_pets09(root: Path) -> ReidSplit:
 
 def _msmt_list(list_path: Path, image_dir: Path) -> list[Item]:
     items: list[Item] = []
-    for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, line in read_list_file(list_path):
         parts = line.split()
         fields = Path(parts[0]).name.split("_") if parts else []
         if len(parts) != 2 or len(fields) < 3 or not parts[1].lstrip("-").isdigit() or not fields[2].isdigit():

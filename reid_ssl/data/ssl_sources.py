@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reid_ssl.errors import DatasetLayoutError, MissingFileError
+from reid_ssl.errors import DatasetLayoutError
+from reid_ssl.fileio import display, list_path, read_list_file
 from reid_ssl.images import is_image_name, is_junk_name, list_images
 
 log = logging.getLogger(__name__)
@@ -101,17 +102,19 @@ def folder_source(root: Path) -> list[SSLItem]:
 
 
 def list_source(root: Path, list_file: Path) -> list[SSLItem]:
-    """A text file of image paths (one per line, relative to ``root`` unless absolute); parent folders are bags."""
-    if not list_file.is_file():
-        raise MissingFileError(f"list file not found: {list_file}")
+    """A text file of image paths (one per line, relative to ``root`` unless absolute; extra columns such as
+    labels are ignored); parent folders are bags. Lists from other systems are read as
+    :func:`reid_ssl.fileio.read_list_file` describes.
+
+    Raises:
+        MissingFileError: no list file; DatasetLayoutError: a line that is not an image name (file and line named).
+    """
     paths = []
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
-        line = line.strip().split()[0] if line.strip() else ""
-        if not line or line.startswith("#"):
-            continue
-        if not is_image_name(line):
-            raise DatasetLayoutError(f"{list_file}:{n}: {line!r} is not an image file name")
-        paths.append(root / line)
+    for n, line in read_list_file(list_file):
+        entry = line.split()[0]
+        if not is_image_name(entry):
+            raise DatasetLayoutError(f"{list_file}:{n}: {display(entry)!r} is not an image file name")
+        paths.append(list_path(root, entry))
     return _bagged_by_parent(paths, root)
 
 
@@ -135,7 +138,7 @@ def sysu30k_source(root: Path, list_file: Path | None = None) -> list[SSLItem]:
     train = _expect_dir(root / "sysu_train_set_all", "SYSU-30k sysu_train_set_all/")
     list_file = list_file or (root / "meta" / "train.txt")
     if list_file.is_file():
-        lines = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip()]
+        lines = [line.split()[0] for _, line in read_list_file(list_file)]
         paths = [(train / ln) if (train / ln).exists() or not (root / ln).exists() else (root / ln) for ln in lines]
     else:
         paths = list_images(train)

@@ -11,13 +11,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from reid_ssl.data.reid import read_market_dir
 from reid_ssl.data.video.track import hsv_histogram
-from reid_ssl.errors import DatasetLayoutError, ImageError
+from reid_ssl.errors import DatasetLayoutError
 from reid_ssl.eval.metrics import evaluate_rank
+from reid_ssl.images import open_rgb
 
 
 def stripe_histogram_feature(image: np.ndarray, stripes: int = 3, bins: tuple[int, int] = (16, 8)) -> np.ndarray:
@@ -39,10 +39,8 @@ def _histogram_features(folder: Path, stripes: int, bins: tuple[int, int]) -> tu
         raise DatasetLayoutError(f"no images in {folder}")
     feats = []
     for path, _, _ in items:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise ImageError(f"{path}: cannot decode")
-        feats.append(stripe_histogram_feature(image, stripes, bins))
+        bgr = np.ascontiguousarray(np.asarray(open_rgb(path))[..., ::-1])  # the one decoder, as OpenCV's order
+        feats.append(stripe_histogram_feature(bgr, stripes, bins))
     return np.stack(feats), np.asarray([p for _, p, _ in items]), np.asarray([c for _, _, c in items])
 
 

@@ -22,9 +22,9 @@ def _list_key(fingerprint: str, paths: Sequence[str]) -> str:
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p}|missing\n".encode())
+            h.update(os.fsencode(p) + b"|missing\n")
     return h.hexdigest()
 
 
@@ -107,3 +107,30 @@ def embed_items(
             tmp.unlink(missing_ok=True)
             tmp.with_suffix(".part.npy").unlink(missing_ok=True)
     return np.load(target, mmap_mode="r", allow_pickle=False), ok, failures, False
+
+
+# Below this mean per-dimension standard deviation of unit features, every image gets (almost) the same
+# feature: a collapsed or untrained-by-accident network. Healthy ResNet features on person crops measure
+# 0.02-0.04 (512-d), random-init networks about 0.01.
+COLLAPSE_SPREAD = 1e-3
+
+
+def feature_spread(features: Any, sample: int = 10_000) -> float:
+    """Mean per-dimension standard deviation of (up to ``sample``) L2-normalised features (N, D); 0 = collapse."""
+    f = np.asarray(features[: min(len(features), sample)], dtype=np.float64)
+    if len(f) < 2:
+        return float("nan")
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return float(f.std(axis=0).mean())
+
+
+def collapse_warning(features: Any, what: str) -> str | None:
+    """A warning when ``features`` have collapsed (:data:`COLLAPSE_SPREAD`), naming ``what`` produced them."""
+    spread = feature_spread(features)
+    if spread < COLLAPSE_SPREAD:
+        return (
+            f"{what} gives (almost) the same feature to every image (spread {spread:.2e} < {COLLAPSE_SPREAD:g}): "
+            "the representation has collapsed, so every distance ties and these scores mean nothing; check the "
+            "training log (target_std, pos_cos) and use an earlier or another checkpoint"
+        )
+    return None

@@ -10,7 +10,7 @@ import numpy as np
 
 from reid_ssl.errors import DatasetLayoutError, ImageError, ResourceLimitError
 from reid_ssl.eval.distances import distance_matrix, evaluate_features
-from reid_ssl.eval.features import embed_items
+from reid_ssl.eval.features import collapse_warning, embed_items, feature_spread
 from reid_ssl.eval.figures import plot_cmc, ranked_strip
 from reid_ssl.eval.metrics import CMC_RANKS, evaluate_rank
 from reid_ssl.eval.rerank import rerank_distances
@@ -106,6 +106,7 @@ def evaluate_checkpoint(
         raise DatasetLayoutError(f"{dataset}: no readable {'query' if not q_items else 'gallery'} image")
     qf = np.asarray(sets["query"]["features"])
     gf = sets["gallery"]["features"]
+    warnings = [w for w in [collapse_warning(gf, f"checkpoint {checkpoint}")] if w]
     ids = {
         name: np.asarray([it[col] for it in items], dtype=np.int64)
         for name, items, col in (
@@ -195,6 +196,8 @@ def evaluate_checkpoint(
         "num_gallery_ids": len(np.unique(ids["g_pids"])),
         "failures": failures,
         "notes": [*split.notes, TIE_NOTE] + ([FLIP_NOTE] if flip else []),
+        "feature_spread": feature_spread(gf),
+        "warnings": warnings,
         "cache": {s: sets[s]["cache_hit"] for s in sets} if cache else None,
         "files": files,
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
