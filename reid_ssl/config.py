@@ -13,7 +13,6 @@ types. The paper-scale settings are in ``configs/imagenet_r50_paper.yaml`` and `
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
-from reid_ssl.errors import ConfigError, MissingFileError
+from reid_ssl.errors import ConfigError
+from reid_ssl.overrides import apply_overrides, parse_overrides, read_yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
+__all__ = ["Config", "ConfigError", "from_dict", "load_config", "parse_overrides", "to_dict", "to_yaml", "validate"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The BYOL augmentation pair (method.md §2.7); view A / view B differ in blur and solarization."""
+    """The BYOL augmentation pair (docs/method.md, "Views"); view A / view B differ in blur and solarization."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # of the target aspect (W/H of the crop size)
@@ -68,7 +68,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Online/target networks (method.md §1.1, §2.1-2.3)."""
+    """Online/target networks (docs/method.md, "The online/target pair")."""
 
     backbone: str = "resnet18"  # a name in reid_ssl.models.BACKBONES
     proj_hidden_dim: int = 4096
@@ -76,7 +76,7 @@ class ModelConfig:
     pred_hidden_dim: int = 4096
     predictor: bool = True
     target: Literal["ema", "shared"] = "ema"  # "ema" (BYOL, truncated triplet) or "shared" (SimCLR)
-    multires: bool = True  # random per-batch resize of each view (method.md §1.3)
+    multires: bool = True  # random per-batch resize of each view (docs/method.md, "Views")
     multires_online: tuple[int, int] = (96, 224)  # sizes relative to 224: factor s/224 scales H and W
     multires_target: tuple[int, int] = (128, 224)
     init: str = ""  # a reid_ssl checkpoint (or torchvision ResNet state dict) to load the backbone from
@@ -242,106 +242,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Merging overrides into the typed defaults
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML / command-line value to the field's type, or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key} expects a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if origin is Literal:
-        return _coerce(value, type(typing.get_args(annotation)[0]), key)  # membership is checked by validate()
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: optional fields are not supported")  # none exist; keep the rule simple
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key} expects true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} expects an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} expects a number, got {value!r}") from None
-    if annotation is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} expects a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
-
-
-def _apply(obj: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
-    """A copy of dataclass ``obj`` with ``overrides`` (nested dicts) applied; unknown keys are errors."""
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"section {prefix.rstrip('.') or '<root>'} must be a mapping, got {overrides!r}")
-    hints = typing.get_type_hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    changes: dict[str, Any] = {}
-    for key, value in overrides.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            changes[key] = _apply(current, value, f"{full}.")
-        else:
-            changes[key] = _coerce(value, hints[key], full)
-    return dataclasses.replace(obj, **changes)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["optim.lr=0.1", "train.epochs=3"]`` -> nested dict; values are parsed as YAML scalars."""
-    nested: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"override {pair!r} is not of the form section.key=value")
-        key, raw = pair.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        nested.setdefault(parts[0], {})[parts[1]] = value
-    return nested
-
-
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise MissingFileError(f"config file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file (if any) <- ``key=value`` overrides, then validated."""
     cfg = Config()
     if path:
-        cfg = _apply(cfg, _read_yaml(Path(path)))
+        cfg = apply_overrides(cfg, read_yaml(Path(path)))
     if overrides:
-        cfg = _apply(cfg, parse_overrides(overrides))
+        cfg = apply_overrides(cfg, parse_overrides(overrides))
     return validate(cfg)
 
 
@@ -375,13 +282,13 @@ def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
 
 def apply_changes(cfg: Config, changes: dict[str, Any]) -> Config:
     """``cfg`` with nested overrides applied (as :func:`load_config` applies a YAML file), validated."""
-    return validate(_apply(cfg, changes))
+    return validate(apply_overrides(cfg, changes))
 
 
 def explicit_changes(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The overrides a user gave (a YAML file, then ``key=value`` pairs) as one nested dict, without defaults."""
     merged: dict[str, Any] = {}
-    layers = [_read_yaml(Path(path))] if path else []
+    layers = [read_yaml(Path(path))] if path else []
     layers.append(parse_overrides(overrides or []))
     for layer in layers:
         for section, values in layer.items():
@@ -394,7 +301,7 @@ def explicit_changes(path: str | Path | None = None, overrides: list[str] | None
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. the copy stored in a checkpoint)."""
-    return validate(_apply(Config(), data))
+    return validate(apply_overrides(Config(), data))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,6 +1,6 @@
 """The one feature extractor that eval, index and app share, built from a checkpoint and nothing else.
 
-Features are the frozen online backbone's global-average-pooled stage-4 map (method.md §3.5), L2-normalised
+Features are the frozen online backbone's global-average-pooled stage-4 map (docs/method.md, "SYSU-30k"), L2-normalised
 float32, so cosine similarity, inner product and torchreid's ``"cosine"`` metric agree. With ``flip=True``
 the feature is ``normalize(normalize(f(x)) + normalize(f(flip(x))))``: both views weigh the same. (The
 SYSU-30k reference script computes ``normalize(normalize(f) + f_flip)``, which weighs the flipped view by

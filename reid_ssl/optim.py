@@ -18,7 +18,7 @@ from reid_ssl.registry import Registry
 def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> float:
     """``start`` at step 0, ``end`` at ``max_steps``, cosine in between (clamped outside).
 
-    The EMA momentum of method.md §1.13 is ``cosine_schedule(t, T, 0.99, 1.0)``:
+    The EMA momentum of docs/method.md, "The EMA target" is ``cosine_schedule(t, T, 0.99, 1.0)``:
     ``1 - (1 - m0) * (cos(pi t / T) + 1) / 2``.
     """
     if max_steps <= 0:
@@ -30,7 +30,7 @@ def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> floa
 def warmup_cosine_lr(
     step: int, max_steps: int, base_lr: float, warmup_steps: int, warmup_start_factor: float = 1e-4
 ) -> float:
-    """Linear warm-up from ``base_lr * warmup_start_factor`` to ``base_lr``, then cosine to 0 (method.md §2.5)."""
+    """Linear warm-up from ``base_lr * warmup_start_factor`` to ``base_lr``, then cosine to 0 (docs/method.md, "Optimisation in the paper's configuration")."""
     if warmup_steps > 0 and step < warmup_steps:
         start = base_lr * warmup_start_factor
         return start + (base_lr - start) * step / warmup_steps
@@ -38,7 +38,7 @@ def warmup_cosine_lr(
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling, as in the reference code (method.md §2.4).
+    """SGD with momentum and layer-wise adaptive rate scaling, as in the reference code (docs/method.md, "Optimisation in the paper's configuration").
 
     For a parameter group with ``lars=True``: ``local_lr = eta * ||w|| / (||g|| + wd * ||w||)`` (1 when a norm
     is zero), ``v <- momentum * v + lr * local_lr * (g + wd * w)``, ``w <- w - v``. Groups with ``lars=False``
@@ -85,7 +85,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups: weights (decay + LARS adaptation) and BN parameters / biases (neither; method.md §2.4)."""
+    """Two groups: weights (decay + LARS adaptation) and BN parameters / biases (neither; docs/method.md, "Optimisation in the paper's configuration")."""
     decay, no_decay = [], []
     for module in modules:
         for p in module.parameters():

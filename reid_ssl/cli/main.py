@@ -66,26 +66,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The handler's exit code, with every exception turned into one line and an exit code (see the module)."""
     debug = bool(os.environ.get("REID_SSL_DEBUG"))
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("reid_ssl: interrupted", file=sys.stderr)
         return 130
-    except ReidSslError as e:  # bad input: a path, a layout, a value; the message says how to fix it
+    except Exception as e:
         if debug:
             raise
-        print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # the environment refused: full disk, permissions, a device
-        if debug:
-            raise
-        print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except Exception as e:  # a bug: one clear line instead of a traceback wall
-        if debug:
-            raise
-        print(
+        if isinstance(e, ReidSslError):  # bad input: a path, a layout, a value; the message says how to fix it
+            print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return e.exit_code
+        if isinstance(e, OSError):  # the environment refused: full disk, permissions, a device
+            print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 1
+        print(  # a bug: one clear line instead of a traceback wall
             f"reid_ssl {args.command}: internal error ({type(e).__name__}: {one_line(e)}); this is a bug in "
             "reid_ssl or a library it uses: set REID_SSL_DEBUG=1 for the traceback and report it",
             file=sys.stderr,

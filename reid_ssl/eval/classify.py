@@ -5,9 +5,9 @@ files (Debian ``dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist/``)
 never in SSL training. Features come from the checkpoint's one :class:`~reid_ssl.embedder.Embedder`
 (its preprocessing resizes every image, grey Fashion-MNIST included, to the checkpoint's input size).
 
-* ``knn`` (ours; the reference repo has no kNN, method.md §6.2): cosine similarity to the training features,
+* ``knn`` (ours; the reference repo has no kNN, docs/method.md, "Evaluation protocols"): cosine similarity to the training features,
   the k nearest vote with weight ``exp(sim / T)``, as in Wu et al.'s instance discrimination monitor.
-* ``linear`` (method.md §6.1): frozen backbone, global-average-pooled feature, one linear layer (init normal,
+* ``linear`` (docs/method.md, "Evaluation protocols"): frozen backbone, global-average-pooled feature, one linear layer (init normal,
   std 0.01), SGD momentum 0.9, weight decay 0, cosine schedule with a linear warmup over the first 10% of
   epochs, batch 256. Deviation: the features are computed once (no RandomResizedCrop/flip per epoch, so a CPU
   can run it) and standardised with the training set's mean and std, the role a non-affine BatchNorm plays in

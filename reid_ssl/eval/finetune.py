@@ -13,12 +13,14 @@ in our checkpoint format, so ``reid_ssl eval`` (and index, app) read it like any
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,22 @@ _REGISTERED = itertools.count()
 def default_output(checkpoint: str | Path, dataset: str, loss: str) -> Path:
     """``<checkpoint folder>/finetune_<dataset>_<loss>/checkpoint.pt``."""
     return Path(checkpoint).resolve().parent / f"finetune_{dataset}_{loss}" / "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What :func:`finetune` does; stored in the output checkpoint's config."""
+
+    loss: str = "softmax"
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    num_instances: int = 4
+    margin: float = 0.3
+    num_workers: int = 0
+    seed: int = 0
 
 
 def finetune(
@@ -60,7 +78,7 @@ def finetune(
 
     Args:
         checkpoint: reid_ssl checkpoint (its preprocessing sets the input size and normalisation).
-        dataset, root, split_options: see :func:`reid_ssl.reid_data.load_split`; the split needs a train list.
+        dataset, root, split_options: see :func:`reid_ssl.data.datasets.load_split`; the split needs a train list.
         out: output checkpoint (default: :func:`default_output`).
         loss: ``"softmax"`` or ``"triplet"`` (triplet samples ``num_instances`` images per identity).
         max_steps: stop after this many optimizer steps (smoke runs), whatever ``epochs`` says.
@@ -72,142 +90,40 @@ def finetune(
         "skipped_train_images", "seconds", ...}``. Train images that fail to decode are skipped and listed.
 
     Raises:
-        ValueError: unknown loss, no train list, or fewer train images/identities than one batch needs.
+        InputError: unknown loss, or fewer train images/identities than one batch needs.
+        DatasetLayoutError: no train list (SYSU-30k's test set).
     """
     from reid_ssl.data.datasets import load_split
-    from reid_ssl.data.torchreid_bridge import import_torchreid, torchreid_dataset_class
-    from reid_ssl.export import build_torchreid_model
 
-    if loss not in FINETUNE_LOSSES:
-        raise InputError(f"unknown loss {loss!r}; choose one of {list(FINETUNE_LOSSES)}")
-    if epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
+    opt = FinetuneSettings(loss, epochs, max_steps, batch_size, lr, weight_decay, num_instances, margin, num_workers, seed)
+    if opt.loss not in FINETUNE_LOSSES:
+        raise InputError(f"unknown loss {opt.loss!r}; choose one of {list(FINETUNE_LOSSES)}")
+    if opt.epochs < 1 or opt.batch_size < 1 or (opt.max_steps is not None and opt.max_steps < 1):
         raise InputError("epochs, batch_size and max_steps must be >= 1")
-    say = log or (lambda line: None)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    pre = ckpt["preprocess"]
     split = load_split(dataset, root, **(split_options or {}))
-    if not split.train:
-        raise DatasetLayoutError(f"{dataset}: no train list under {split.root} (SYSU-30k's test set cannot be fine-tuned on)")
-
-    # ---- data: our lists, checked images, registered as a torchreid dataset --------------------------------
-    good, bad = check_images(Path(p) for p, _, _ in split.train)
-    readable = {str(p) for p in good}
-    split.train = [item for item in split.train if item[0] in readable]
-    num_ids = len({pid for _, pid, _ in split.train})
-    if loss == "triplet" and (batch_size % num_instances or num_ids < batch_size // num_instances):
-        raise InputError(
-            f"triplet batches of {batch_size} = {batch_size // num_instances} identities x "
-            f"{num_instances} images need batch_size divisible by num_instances and at least "
-            f"{batch_size // num_instances} train identities ({num_ids} here)"
-        )
-    if len(split.train) < batch_size:
-        raise InputError(
-            f"{dataset}: {len(split.train)} readable train images, fewer than one batch of "
-            f"{batch_size}; lower --batch-size"
-        )
-    torchreid = import_torchreid()
-    source = f"reid_ssl_finetune_{os.getpid()}_{next(_REGISTERED)}"
-    torchreid.data.register_image_dataset(source, torchreid_dataset_class(dataset, split=split))
+    bad = _readable_train(dataset, split, opt)
     use_gpu = device is not None and torch.device(device).type == "cuda"
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):
-        dm = torchreid.data.ImageDataManager(
-            root=str(split.root),
-            sources=source,
-            height=int(pre["height"]),
-            width=int(pre["width"]),
-            transforms=["random_flip"],
-            norm_mean=list(pre["mean"]),
-            norm_std=list(pre["std"]),
-            use_gpu=use_gpu,
-            batch_size_train=batch_size,
-            batch_size_test=batch_size,
-            workers=num_workers,
-            num_instances=num_instances,
-            train_sampler="RandomIdentitySampler" if loss == "triplet" else "RandomSampler",
-        )
-
-    # ---- model, optimizer, engine --------------------------------------------------------------------
-    torch.manual_seed(seed)
-    model = build_torchreid_model(ckpt, num_classes=dm.num_train_pids, loss=loss)
-    if use_gpu:
-        model = model.cuda()
-    optimizer = torchreid.optim.build_optimizer(model, optim="adam", lr=lr, weight_decay=weight_decay)
-    scheduler = torchreid.optim.build_lr_scheduler(optimizer, lr_scheduler="cosine", max_epoch=epochs)
-    if loss == "softmax":
-        engine = torchreid.engine.ImageSoftmaxEngine(
-            dm, model, optimizer, scheduler=scheduler, use_gpu=use_gpu, label_smooth=True
-        )
-    else:
-        engine = torchreid.engine.ImageTripletEngine(
-            dm,
-            model,
-            optimizer,
-            margin=margin,
-            weight_t=1.0,
-            weight_x=1.0,
-            scheduler=scheduler,
-            use_gpu=use_gpu,
-            label_smooth=True,
-        )
-
-    # ---- the loop ------------------------------------------------------------------------------------
-    history: list[dict[str, float]] = []
-    step = epoch = 0
-    for epoch in range(1, epochs + 1):
-        engine.set_model_mode("train")
-        sums: dict[str, float] = {}
-        batches = 0
-        for batch in dm.train_loader:
-            summary = engine.forward_backward(batch)
-            for key, value in summary.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            batches += 1
-            step += 1
-            if max_steps is not None and step >= max_steps:
-                break
-        engine.update_lr()
-        means = {k: v / max(1, batches) for k, v in sums.items()}
-        history.append({"epoch": epoch, "steps": batches, **means})
-        say(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-        if max_steps is not None and step >= max_steps:
-            break
+        dm = _data_manager(dataset, split, ckpt["preprocess"], opt, use_gpu)
+    engine, model = _engine(ckpt, dm, opt, use_gpu)
+    history, step, epoch = _train(engine, dm, opt, log or (lambda line: None))
     if chatter.getvalue() and log is not None:
         print(chatter.getvalue(), end="", file=sys.stderr)
-
-    # ---- save in our format --------------------------------------------------------------------------
-    name = ckpt["backbone"]["name"]
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
     settings = {
         "dataset": dataset,
         "root": str(split.root),
-        "loss": loss,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
+        **dataclasses.asdict(opt),
         "optimizer": "adam",
         "scheduler": "cosine",
-        "num_instances": num_instances,
-        "margin": margin,
-        "seed": seed,
         "num_train_ids": dm.num_train_pids,
         "parent_checkpoint": str(checkpoint),
         "parent_sha256": ckpt["backbone"]["sha256"],
     }
-    out_path = Path(out) if out is not None else default_output(checkpoint, dataset, loss)
-    save_checkpoint(
-        out_path,
-        {
-            "backbone": backbone_block(name, int(ckpt["backbone"]["feature_dim"]), state),
-            "preprocess": pre,
-            "config": {"finetune": settings, "pretrain": ckpt.get("config", {})},
-            "step": step,
-            "epoch": epoch,
-        },
-    )
+    out_path = Path(out) if out is not None else default_output(checkpoint, dataset, opt.loss)
+    _save(out_path, ckpt, model, settings, step, epoch)
     return {
         "checkpoint": str(out_path),
         "steps": step,
@@ -219,3 +135,100 @@ def finetune(
         "settings": settings,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _readable_train(dataset: str, split: Any, opt: FinetuneSettings) -> list[tuple[Path, str]]:
+    """Drop unreadable train images from ``split`` (returned); refuse splits too small for one batch."""
+    if not split.train:
+        raise DatasetLayoutError(f"{dataset}: no train list under {split.root} (SYSU-30k's test set cannot be fine-tuned on)")
+    good, bad = check_images(Path(p) for p, _, _ in split.train)
+    readable = {str(p) for p in good}
+    split.train = [item for item in split.train if item[0] in readable]
+    num_ids = len({pid for _, pid, _ in split.train})
+    per_batch = opt.batch_size // opt.num_instances
+    if opt.loss == "triplet" and (opt.batch_size % opt.num_instances or num_ids < per_batch):
+        raise InputError(
+            f"triplet batches of {opt.batch_size} = {per_batch} identities x {opt.num_instances} images need "
+            f"batch_size divisible by num_instances and at least {per_batch} train identities ({num_ids} here)"
+        )
+    if len(split.train) < opt.batch_size:
+        raise InputError(
+            f"{dataset}: {len(split.train)} readable train images, fewer than one batch of {opt.batch_size}; "
+            "lower --batch-size"
+        )
+    return bad
+
+
+def _data_manager(dataset: str, split: Any, pre: dict[str, Any], opt: FinetuneSettings, use_gpu: bool) -> Any:
+    """torchreid's ImageDataManager over our lists (registered under a fresh name), sized by the checkpoint."""
+    from reid_ssl.data.torchreid_bridge import import_torchreid, torchreid_dataset_class
+
+    torchreid = import_torchreid()
+    source = f"reid_ssl_finetune_{os.getpid()}_{next(_REGISTERED)}"
+    torchreid.data.register_image_dataset(source, torchreid_dataset_class(dataset, split=split))
+    return torchreid.data.ImageDataManager(
+        root=str(split.root),
+        sources=source,
+        height=int(pre["height"]),
+        width=int(pre["width"]),
+        transforms=["random_flip"],
+        norm_mean=list(pre["mean"]),
+        norm_std=list(pre["std"]),
+        use_gpu=use_gpu,
+        batch_size_train=opt.batch_size,
+        batch_size_test=opt.batch_size,
+        workers=opt.num_workers,
+        num_instances=opt.num_instances,
+        train_sampler="RandomIdentitySampler" if opt.loss == "triplet" else "RandomSampler",
+    )
+
+
+def _engine(ckpt: dict[str, Any], dm: Any, opt: FinetuneSettings, use_gpu: bool) -> tuple[Any, torch.nn.Module]:
+    """The torchreid model (checked load of our backbone), Adam + cosine, and the engine for ``opt.loss``."""
+    from reid_ssl.data.torchreid_bridge import import_torchreid
+    from reid_ssl.export import build_torchreid_model
+
+    torchreid = import_torchreid()
+    torch.manual_seed(opt.seed)
+    model = build_torchreid_model(ckpt, num_classes=dm.num_train_pids, loss=opt.loss)
+    if use_gpu:
+        model = model.cuda()
+    optimizer = torchreid.optim.build_optimizer(model, optim="adam", lr=opt.lr, weight_decay=opt.weight_decay)
+    scheduler = torchreid.optim.build_lr_scheduler(optimizer, lr_scheduler="cosine", max_epoch=opt.epochs)
+    common = {"scheduler": scheduler, "use_gpu": use_gpu, "label_smooth": True}
+    if opt.loss == "softmax":
+        return torchreid.engine.ImageSoftmaxEngine(dm, model, optimizer, **common), model
+    engine = torchreid.engine.ImageTripletEngine(dm, model, optimizer, margin=opt.margin, weight_t=1.0, weight_x=1.0, **common)
+    return engine, model
+
+
+def _train(engine: Any, dm: Any, opt: FinetuneSettings, say: Callable[[str], None]) -> tuple[list[dict[str, float]], int, int]:
+    """Our epoch loop over ``engine.forward_backward``; returns (per-epoch mean losses, steps, epochs)."""
+    history: list[dict[str, float]] = []
+    step = epoch = 0
+    for epoch in range(1, opt.epochs + 1):
+        engine.set_model_mode("train")
+        sums: dict[str, float] = {}
+        batches = 0
+        for batch in dm.train_loader:
+            for key, value in engine.forward_backward(batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            batches += 1
+            step += 1
+            if opt.max_steps is not None and step >= opt.max_steps:
+                break
+        engine.update_lr()
+        means = {k: v / max(1, batches) for k, v in sums.items()}
+        history.append({"epoch": epoch, "steps": batches, **means})
+        say(f"epoch {epoch}/{opt.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if opt.max_steps is not None and step >= opt.max_steps:
+            break
+    return history, step, epoch
+
+
+def _save(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, settings: dict[str, Any], step: int, epoch: int) -> None:
+    """The fine-tuned backbone (classifier dropped) in our checkpoint format, with the parent's preprocessing."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    block = backbone_block(ckpt["backbone"]["name"], int(ckpt["backbone"]["feature_dim"]), state)
+    config = {"finetune": settings, "pretrain": ckpt.get("config", {})}
+    save_checkpoint(path, {"backbone": block, "preprocess": ckpt["preprocess"], "config": config, "step": step, "epoch": epoch})

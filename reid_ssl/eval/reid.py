@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ def _pick_queries(valid: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     if count <= 0 or len(idx) == 0:
         return np.zeros(0, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(idx, size=min(count, len(idx)), replace=False))
+
+
+@dataclass
+class _Embedded:
+    """One subset after embedding: features of the readable images, their items, failures, cache hit."""
+
+    features: Any  # (n_ok, D) float32, memory-mapped when cached
+    items: list[tuple[str, int, int]]
+    failures: list[dict[str, str]]
+    cache_hit: bool
+
+    def ids(self, col: int) -> np.ndarray:
+        """Column 1 (pids) or 2 (camids) of the items, (n_ok,) int64."""
+        return np.asarray([it[col] for it in self.items], dtype=np.int64)
 
 
 def evaluate_checkpoint(
@@ -52,19 +67,24 @@ def evaluate_checkpoint(
 
     Features come from the checkpoint's one Embedder (its preprocessing; :data:`FLIP_NOTE` with ``flip``).
     Galleries whose distance matrix would pass :data:`DENSE_LIMIT_BYTES` (SYSU-30k, MSMT17) are evaluated
-    with :func:`evaluate_features` (``streaming=None`` decides; True/False forces). Gallery and query
-    features are cached under ``<out_dir>/features/``.
+    with :func:`~reid_ssl.eval.distances.evaluate_features` (``streaming=None`` decides; True/False forces).
+    Gallery and query features are cached under ``<out_dir>/features/``.
 
     Args:
         checkpoint: reid_ssl checkpoint path.
-        dataset, root, split_options: see :func:`reid_ssl.reid_data.load_split`.
+        dataset, root, split_options: see :func:`reid_ssl.data.datasets.load_split`.
         out_dir: where the JSON, PNGs and feature cache go (default: the checkpoint's folder).
-        rerank: k-reciprocal re-ranking (dense only; refused with a MemoryError where it would not fit).
+        rerank: k-reciprocal re-ranking (dense only; refused where it would not fit).
         strict: raise if any image fails to decode (default: report them in ``"failures"`` and evaluate the
             rest).
 
     Returns:
-        The dict written to the JSON file (rank-1/5/10/20, mAP, mINP, CMC, counts, failures, files, timings).
+        The dict written to the JSON file (rank-1/5/10/20, mAP, mINP, CMC, counts, failures, warnings, files,
+        timings).
+
+    Raises:
+        CheckpointError, DatasetLayoutError: unusable checkpoint or dataset; ImageError: unreadable images with
+        ``strict``; ResourceLimitError: re-ranking that would not fit.
     """
     from reid_ssl.checkpoint import load_checkpoint
     from reid_ssl.data.datasets import load_split
@@ -75,110 +95,45 @@ def evaluate_checkpoint(
     split = load_split(dataset, root, **(split_options or {}))
     ckpt = load_checkpoint(checkpoint)
     embedder = Embedder(backbone_from_checkpoint(ckpt), ckpt["preprocess"], ckpt["backbone"]["sha256"], device, flip)
-    backbone_name, backbone_sha = ckpt["backbone"]["name"], ckpt["backbone"]["sha256"]
+    backbone = {"backbone": ckpt["backbone"]["name"], "backbone_sha256": ckpt["backbone"]["sha256"]}
     del ckpt  # training state (optimizer, heads) is not needed past this point
     out = Path(out_dir) if out_dir is not None else checkpoint.resolve().parent
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = out / "features" if cache else None
+
+    # ---- features ------------------------------------------------------------------------------------
     seconds: dict[str, float] = {}
-    sets: dict[str, Any] = {}
+    sets: dict[str, _Embedded] = {}
     for subset, items in (("query", split.query), ("gallery", split.gallery)):
         t0 = time.perf_counter()
         feats, ok, failed, hit = embed_items(
-            embedder, [p for p, _, _ in items], cache_dir, f"{dataset}-{subset}", batch_size, num_workers, progress
-        )
+            embedder, [p for p, _, _ in items], out / "features" if cache else None, f"{dataset}-{subset}",
+            batch_size, num_workers, progress,
+        )  # fmt: skip
         seconds[f"embed_{subset}"] = round(time.perf_counter() - t0, 3)
-        sets[subset] = {
-            "features": feats,
-            "items": [items[i] for i in ok],
-            "cache_hit": hit,
-            "failures": [{"image": items[i][0], "reason": r} for i, r in failed],
-        }
-    failures = {s: sets[s]["failures"] for s in sets}
-    if strict and any(failures.values()):
-        first = next(f for fs in failures.values() for f in fs)
-        raise ImageError(
-            f"{sum(map(len, failures.values()))} images could not be read "
-            f"(first: {first['reason']}); fix them or run without --strict"
-        )
-    q_items, g_items = sets["query"]["items"], sets["gallery"]["items"]
-    if not q_items or not g_items:
-        raise DatasetLayoutError(f"{dataset}: no readable {'query' if not q_items else 'gallery'} image")
-    qf = np.asarray(sets["query"]["features"])
-    gf = sets["gallery"]["features"]
-    warnings = [w for w in [collapse_warning(gf, f"checkpoint {checkpoint}")] if w]
-    ids = {
-        name: np.asarray([it[col] for it in items], dtype=np.int64)
-        for name, items, col in (
-            ("q_pids", q_items, 1),
-            ("g_pids", g_items, 1),
-            ("q_camids", q_items, 2),
-            ("g_camids", g_items, 2),
-        )
-    }
-    dense_bytes = 4 * len(q_items) * len(g_items)
-    use_stream = (dense_bytes > DENSE_LIMIT_BYTES) if streaming is None else streaming
-    if rerank and use_stream:
-        raise ResourceLimitError(
-            f"re-ranking needs the full distance matrix ({dense_bytes / 2**30:.1f} GiB for "
-            f"{len(q_items)} x {len(g_items)}); run without --rerank"
-        )
+        failures = [{"image": items[i][0], "reason": r} for i, r in failed]
+        sets[subset] = _Embedded(feats, [items[i] for i in ok], failures, hit)
+    _check_readable(dataset, sets, strict)
+    q, g = sets["query"], sets["gallery"]
+
+    # ---- metrics -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    if use_stream:
-        metrics = evaluate_features(
-            qf,
-            gf,
-            ids["q_pids"],
-            ids["g_pids"],
-            ids["q_camids"],
-            ids["g_camids"],
-            metric=metric,
-            max_rank=max_rank,
-            topk=strip_topk if num_strips else 0,
-        )
-        ranked = metrics.pop("topk_indices", None)
-        metrics.pop("topk_distances", None)
-        distmat = None
-    else:
-        gf = np.asarray(gf)
-        distmat = rerank_distances(qf, gf, metric) if rerank else distance_matrix(qf, gf, metric)
-        metrics = evaluate_rank(
-            distmat, ids["q_pids"], ids["g_pids"], ids["q_camids"], ids["g_camids"], max_rank=max_rank
-        )
-        ranked = None
+    dense_bytes = 4 * len(q.items) * len(g.items)
+    use_stream = (dense_bytes > DENSE_LIMIT_BYTES) if streaming is None else streaming
+    metrics, ranked = _metrics(q, g, metric, rerank, max_rank, use_stream, strip_topk if num_strips else 0)
     seconds["metrics"] = round(time.perf_counter() - t0, 3)
-
-    # ---- figures -------------------------------------------------------------------------------------
     cmc = np.asarray(metrics["cmc"])
-    files: dict[str, Any] = {"json": str(out / f"eval_{dataset}.json")}
-    files["cmc_png"] = str(
-        plot_cmc(
-            {f"{dataset} ({metric}{', re-ranked' if rerank else ''})": cmc},
-            out / f"cmc_{dataset}.png",
-            title=f"CMC: {dataset}",
-        )
-    )
-    strips = []
-    for q in _pick_queries(~np.isnan(metrics["AP"]), num_strips):  # AP is NaN for skipped queries
-        if ranked is not None:
-            order = ranked[q][ranked[q] >= 0]
-        else:
-            assert distmat is not None
-            junk = (ids["g_pids"] == ids["q_pids"][q]) & (ids["g_camids"] == ids["q_camids"][q])
-            row = np.where(junk, np.inf, distmat[q])
-            order = np.argsort(row, kind="stable")[: min(strip_topk, int((~junk).sum()))]
-        name = f"q{q:05d}_pid{ids['q_pids'][q]}.png"
-        strips.append(
-            str(ranked_strip(q_items[q], [g_items[i] for i in order[:strip_topk]], out / f"ranked_{dataset}" / name))
-        )
-    files["strips"] = strips
 
+    # ---- figures and the result ----------------------------------------------------------------------
+    files: dict[str, Any] = {"json": str(out / f"eval_{dataset}.json")}
+    label = f"{dataset} ({metric}{', re-ranked' if rerank else ''})"
+    files["cmc_png"] = str(plot_cmc({label: cmc}, out / f"cmc_{dataset}.png", title=f"CMC: {dataset}"))
+    files["strips"] = _strips(q, g, metrics["AP"], ranked, num_strips, strip_topk, out / f"ranked_{dataset}")
+    warnings = [w for w in [collapse_warning(g.features, f"checkpoint {checkpoint}")] if w]
     result: dict[str, Any] = {
         "dataset": dataset,
         "root": str(split.root),
         "checkpoint": str(checkpoint),
-        "backbone": backbone_name,
-        "backbone_sha256": backbone_sha,
+        **backbone,
         "embedder_fingerprint": embedder.fingerprint,
         "preprocess": embedder.preprocess,
         "flip": flip,
@@ -189,19 +144,79 @@ def evaluate_checkpoint(
         "mAP": metrics["mAP"],
         "mINP": metrics["mINP"],
         "cmc": [float(c) for c in cmc],
-        "num_query": len(q_items),
-        "num_gallery": len(g_items),
+        "num_query": len(q.items),
+        "num_gallery": len(g.items),
         "num_valid_queries": metrics["num_valid_queries"],
-        "num_query_ids": len(np.unique(ids["q_pids"])),
-        "num_gallery_ids": len(np.unique(ids["g_pids"])),
-        "failures": failures,
+        "num_query_ids": len(np.unique(q.ids(1))),
+        "num_gallery_ids": len(np.unique(g.ids(1))),
+        "failures": {name: e.failures for name, e in sets.items()},
         "notes": [*split.notes, TIE_NOTE] + ([FLIP_NOTE] if flip else []),
-        "feature_spread": feature_spread(gf),
+        "feature_spread": feature_spread(g.features),
         "warnings": warnings,
-        "cache": {s: sets[s]["cache_hit"] for s in sets} if cache else None,
+        "cache": {name: e.cache_hit for name, e in sets.items()} if cache else None,
         "files": files,
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(files["json"], result)
     return result
+
+
+def _check_readable(dataset: str, sets: dict[str, _Embedded], strict: bool) -> None:
+    failures = [f for e in sets.values() for f in e.failures]
+    if strict and failures:
+        raise ImageError(
+            f"{len(failures)} images could not be read (first: {failures[0]['reason']}); fix them or run without --strict"
+        )
+    for name, e in sets.items():
+        if not e.items:
+            raise DatasetLayoutError(f"{dataset}: no readable {name} image")
+
+
+def _metrics(
+    q: _Embedded, g: _Embedded, metric: str, rerank: bool, max_rank: int, stream: bool, topk: int
+) -> tuple[dict[str, Any], np.ndarray | _DenseRanking]:
+    """Metrics, dense or streamed, and what the strips need to rank a query's gallery."""
+    qp, gp, qc, gc = q.ids(1), g.ids(1), q.ids(2), g.ids(2)
+    qf = np.asarray(q.features)
+    if stream:
+        if rerank:
+            raise ResourceLimitError(
+                f"re-ranking needs the full distance matrix ({4 * len(qf) * len(gp) / 2**30:.1f} GiB for "
+                f"{len(qf)} x {len(gp)}); run without --rerank"
+            )
+        metrics = evaluate_features(qf, g.features, qp, gp, qc, gc, metric=metric, max_rank=max_rank, topk=topk)
+        metrics.pop("topk_distances", None)
+        return metrics, metrics.pop("topk_indices", np.zeros((len(qf), 0), np.int64))
+    gf = np.asarray(g.features)
+    distmat = rerank_distances(qf, gf, metric) if rerank else distance_matrix(qf, gf, metric)
+    return evaluate_rank(distmat, qp, gp, qc, gc, max_rank=max_rank), _DenseRanking(distmat, qp, gp, qc, gc)
+
+
+@dataclass
+class _DenseRanking:
+    """Ranks a query's gallery from the full distance matrix (junk = same pid and camera, left out)."""
+
+    distmat: np.ndarray
+    qp: np.ndarray
+    gp: np.ndarray
+    qc: np.ndarray
+    gc: np.ndarray
+
+    def __getitem__(self, q: int) -> np.ndarray:
+        junk = (self.gp == self.qp[q]) & (self.gc == self.qc[q])
+        order = np.argsort(np.where(junk, np.inf, self.distmat[q]), kind="stable")
+        return order[: int((~junk).sum())]
+
+
+def _strips(
+    q: _Embedded, g: _Embedded, ap: np.ndarray, ranked: Any, count: int, topk: int, folder: Path
+) -> list[str]:
+    """Ranked-result strips (PNG) of ``count`` random valid queries; ``ranked[q]`` gives gallery rows in order."""
+    paths = []
+    for qi in _pick_queries(~np.isnan(ap), count):  # AP is NaN for skipped queries
+        order = np.asarray(ranked[qi])
+        order = order[order >= 0][:topk]
+        name = f"q{qi:05d}_pid{q.items[qi][1]}.png"
+        paths.append(str(ranked_strip(q.items[qi], [g.items[i] for i in order], folder / name)))
+    return paths

@@ -35,7 +35,7 @@ def deputy_distances(d: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
     if k_hi > m - 1:
         raise ValueError(f"deputy window {k_lo}..{k_hi} needs at least {k_hi} negatives per anchor, got {m - 1}")
     # Mask the positive with +inf so that it sorts last; the top-k indices are not differentiated
-    # (method.md §1.12), but gathering keeps the gradient of the selected distances.
+    # (docs/method.md, "The truncated triplet loss"), but gathering keeps the gradient of the selected distances.
     positive = torch.zeros_like(d, dtype=torch.bool)
     positive[torch.arange(n), torch.arange(n)] = True
     masked = d.masked_fill(positive, float("inf"))
@@ -57,7 +57,7 @@ def truncated_triplet_loss(
     With unit vectors, d_ij = -2 <p_i, z_j>; the positive is d_ii and the negative deputy the mean of row i's
     negatives ranked ``k_lo..k_hi`` by similarity (most similar first). The loss is the mean over rows of
     ``max(0, gamma * d_pos - d_deputy + margin)``. With the reference margin 100 the hinge is always active and
-    the loss is linear in the cosines (method.md §1.11). ``k_lo == k_hi`` picks a single rank-k negative and
+    the loss is linear in the cosines (docs/method.md, "The truncated triplet loss"). ``k_lo == k_hi`` picks a single rank-k negative and
     ``k_lo == k_hi == 1`` the hardest one.
 
     Args:

@@ -1,7 +1,7 @@
 """The online/target pair and its EMA update, and the multi-resolution resize of the views.
 
 The online network is backbone -> projector -> predictor; the target network is an EMA copy of backbone ->
-projector that never receives a gradient (method.md §1.1, §1.12, §1.13). Setting ``target="shared"`` turns
+projector that never receives a gradient (docs/method.md, "The online/target pair" and "The EMA target"). Setting ``target="shared"`` turns
 the pair into a single network for the SimCLR baseline.
 """
 
@@ -19,7 +19,7 @@ from reid_ssl.models.backbones import build_backbone
 from reid_ssl.models.heads import mlp_head
 
 # ---------------------------------------------------------------------------------------------------------
-# Multi-resolution resize (method.md §1.3)
+# Multi-resolution resize (docs/method.md, "Views")
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Losses against slow references written from the formulas of method.md §1, plus properties."""
+"""Losses against slow references written from the formulas of docs/method.md, plus properties."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_positive_is_never_a_negative():
 
 
 def test_large_margin_gives_the_linear_form():
-    """method.md §1.11: l_i = -4 cos(p_i, z_i) + 2 mean_{r=2..10} cos(p_i, z_(r)) + 100."""
+    """docs/method.md, "The truncated triplet loss": l_i = -4 cos(p_i, z_i) + 2 mean_{r=2..10} cos(p_i, z_(r)) + 100."""
     g = torch.Generator().manual_seed(3)
     p, z = torch.randn(40, 32, generator=g), torch.randn(40, 32, generator=g)
     cos = F.normalize(p, dim=1) @ F.normalize(z, dim=1).t()
@@ -171,7 +171,7 @@ def test_every_registered_loss_gives_a_finite_scalar(name):
     assert loss.ndim == 0 and torch.isfinite(loss) and torch.isfinite(p.grad).all()
 
 
-# ----- the Bernoulli rule (method.md §1.16.3) -----------------------------------------------------------------
+# ----- the Bernoulli rule (docs/method.md, "Choosing k") -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
