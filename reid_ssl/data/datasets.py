@@ -146,16 +146,31 @@ DATASETS.register(
     "cuhk03",
     DatasetSpec("CUHK03 as torchreid prepares it: images_{detected,labeled}/, splits_*.json", reid=reid.load_cuhk03),
 )
-DATASETS.register(
-    "pets09",
-    DatasetSpec(
-        "PETS09-S2L1 tracklets from `reid_ssl prepare pets09`: train/<tracklet>/ bags, market/ retrieval split",
-        default_root="data/pets09",
-        ssl=lambda r, d: ssl_sources.pets09_source(r),
-        reid=reid.load_pets09,
-        pid_is_tracklet=True,
-    ),
-)
+def _tracklet_datasets(name: str, default_root: str, how: str, what: str) -> None:
+    """``name`` (training bags + test split) and ``name-val`` (the validation split) of a ``prepare`` output."""
+    DATASETS.register(
+        name,
+        DatasetSpec(
+            f"{what}: train/<tracklet>/ bags, market/ test split of pseudo-identities (built by `{how}`)",
+            default_root=default_root,
+            ssl=lambda r, d: ssl_sources.bags_source(r, how),
+            reid=lambda r, **o: reid.load_tracklet_split(name, r, "market", how),
+            pid_is_tracklet=True,
+        ),
+    )
+    DATASETS.register(
+        f"{name}-val",
+        DatasetSpec(
+            f"the validation split of {name} (market_val/): choose recipes here, report on {name}",
+            default_root=default_root,
+            reid=lambda r, **o: reid.load_tracklet_split(f"{name}-val", r, "market_val", how),
+            pid_is_tracklet=True,
+        ),
+    )
+
+
+_tracklet_datasets("pets09", "data/pets09", "reid_ssl prepare pets09 --fetch", "PETS09-S2L1 tracklets")
+_tracklet_datasets("video", "data/video", "reid_ssl prepare video VIDEO --out DIR --split", "your footage")
 DATASETS.register(
     "market-layout",
     DatasetSpec(

@@ -1,37 +1,15 @@
-"""PETS 2009 S2.L1 (``vtest.avi``): person tracklets for SSL pretraining and a single-camera retrieval split.
+"""PETS 2009 S2.L1 (``vtest.avi``): person tracklets for SSL pretraining and retrieval splits.
 
 The video ships inside Debian's ``opencv-doc`` package (795 frames, 768x576, 10 fps, one static camera, about
-20 people). No identity ground truth exists, so this module makes weak labels itself:
+20 people). No identity ground truth exists. Its person tracks were made once and are committed as
+``resources/pets09_s2l1_tracks.csv`` (``frame,track,x,y,w,h``, frame 0-based, track >= 1), so every machine
+builds the same data set; docs/datasets.md says how they were made (HOG people detector on frames upscaled
+1.5x, a MOG2 foreground filter that removes a parked van, Hungarian linking on IoU and colour histograms).
+``reid_ssl prepare video vtest.avi`` builds tracklets afresh with today's pipeline instead.
 
-1. **Detection** (slow, run once by ``datasets/pets09_detect_and_track.py``): OpenCV's HOG people detector on
-   frames upscaled 1.5x (people are 86-140 px tall, under HOG's 128-px window), winStride 8, padding 8,
-   scale 1.05, then NMS at IoU 0.4 keeping scores > 0.3.
-2. **Tracking**: boxes with < 15% MOG2 foreground are dropped (this removes the parked van); the rest are
-   linked frame by frame with the Hungarian algorithm on ``(1 - IoU) + Bhattacharyya distance`` of HSV 16x8
-   histograms, gated at IoU >= 0.45 and distance <= 0.4, a track surviving up to 2 missed frames. Tracks
-   whose centre never moves 10 px from its start, or with fewer than 5 boxes, are dropped. The result is
-   committed as ``resources/pets09_s2l1_tracks.csv`` (``frame,track,x,y,w,h``, frame 0-based, track >= 1).
-3. **Build** (:func:`build_pets09`, seconds): crop every box from the decoded video and write
-
-   * ``train/<track:04d>/<frame:06d>.jpg`` -- unlabeled SSL crops, one folder per tracklet (a "bag" in the
-     SYSU-30k sense), holding only *train* tracklets;
-   * ``market/`` -- a Market-1501 layout for retrieval evaluation;
-   * ``manifest.json`` -- counts, hashes and the protocol parameters.
-
-Retrieval protocol. Tracklets are split, never boxes, so that no test box is ever seen in SSL training.
-Tracklets with at least ``min_test_len`` (25) boxes, sorted by id (ids follow the first frame, so this is time
-order), are test tracklets when their position in that list is ``test_offset`` modulo ``test_every`` (every
-2nd, starting at the 1st, so the test tracklets are spread over the whole video); all other tracklets with at
-least ``min_train_len`` (5) boxes are train tracklets. Each tracklet's boxes, in time order, are split into
-halves: the first ``ceil(n / 2)`` boxes are camera ``c1`` (camid 0), the rest ``c2`` (camid 1). There is one real camera; the two
-"cameras" are time windows, so the Market rule that drops gallery items with the query's pid *and* camid
-removes the near-duplicate neighbouring frames. Queries are ``queries_per_tracklet`` (8) evenly spaced
-camera-1 boxes of each test tracklet; the gallery (``bounding_box_test/``) is every other box of every test
-tracklet. Train tracklets are mirrored in ``bounding_box_train/`` with the same naming.
-
-Caveat: tracklet ids are pseudo-identities. One person can own several tracklets (and a tracklet can switch
-person where people cross), so a correct match to another tracklet of the same person counts as wrong:
-rank-1 and mAP on this split undercount true performance.
+:func:`build_pets09` (seconds) crops the committed boxes through the video pipeline's publish step: training
+bags, and test and validation retrieval splits of pseudo-identities (:mod:`reid_ssl.data.video.split` gives the
+protocol and its caveat: tracklet ids undercount true matches).
 """
 
 from __future__ import annotations
@@ -40,25 +18,20 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 
-from reid_ssl.data.market import market_name
-from reid_ssl.data.video.detect import clip_box
+from reid_ssl.data.video.split import SplitProtocol
 from reid_ssl.data.video.track import TrackBox
-from reid_ssl.errors import DatasetLayoutError, DependencyError, InputError, MissingFileError, VideoError
+from reid_ssl.errors import DatasetLayoutError, DependencyError, InputError, MissingFileError
 
 VIDEO_SHA256 = "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf"
 VIDEO_MEMBER = "./usr/share/doc/opencv-doc/examples/data/vtest.avi"
@@ -71,7 +44,7 @@ FETCH_COMMAND = (
 )
 TRACKS_RESOURCE = "resources/pets09_s2l1_tracks.csv"
 CSV_HEADER = ("frame", "track", "x", "y", "w", "h")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: bags train/vtest-<track>/, validation split market_val/ (the video pipeline's layout)
 
 # ---------------------------------------------------------------------------------------------------------
 # Finding and fetching the video
@@ -198,21 +171,6 @@ def fetch_video(dest: Path) -> Path:
     return dest
 
 
-def read_frames(video: Path) -> Iterator[np.ndarray]:
-    """Yield the BGR frames of a video in order."""
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise VideoError(f"OpenCV cannot open video {video}")
-    try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                return
-            yield frame
-    finally:
-        cap.release()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The tracks CSV
 # ---------------------------------------------------------------------------------------------------------
@@ -280,111 +238,42 @@ def load_tracks(path: str | Path | None = None) -> list[TrackBox]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Retrieval split and build
+# Build: one caller of the video pipeline's publish step
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SplitItem:
-    """One crop of the split: where it goes and what it is."""
-
-    box: TrackBox
-    subset: str  # "train", "query" or "gallery"
-    camid: int  # 0 = first half of the tracklet in time ("c1" in file names), 1 = second half ("c2")
-
-
-def group_tracks(tracks: Iterable[TrackBox]) -> dict[int, list[TrackBox]]:
-    """Boxes of each track id, in frame order."""
-    groups: dict[int, list[TrackBox]] = {}
-    for b in sorted(tracks, key=lambda b: (b.track, b.frame)):
-        groups.setdefault(b.track, []).append(b)
-    return groups
-
-
-def split_tracklets(
-    tracks: Iterable[TrackBox],
-    min_train_len: int = 5,
-    min_test_len: int = 25,
-    test_every: int = 2,
-    test_offset: int = 0,
-    queries_per_tracklet: int = 8,
-) -> list[SplitItem]:
-    """Assign every box to train, query or gallery (the protocol of the module docstring).
-
-    Returns:
-        The split, sorted by (track, frame). Boxes of train tracklets shorter than ``min_train_len`` are
-        left out.
-    """
-    groups = group_tracks(tracks)
-    long_ids = [k for k in sorted(groups) if len(groups[k]) >= min_test_len]
-    test_ids = {k for i, k in enumerate(long_ids) if i % test_every == test_offset % test_every}
-    items = []
-    for k, boxes in groups.items():
-        n = len(boxes)
-        first_half = math.ceil(n / 2)
-        if k not in test_ids:
-            if n >= min_train_len:
-                items += [SplitItem(b, "train", 0 if i < first_half else 1) for i, b in enumerate(boxes)]
-            continue
-        q = min(queries_per_tracklet, first_half)
-        query_pos = {int((j + 0.5) * first_half / q) for j in range(q)}
-        for i, b in enumerate(boxes):
-            subset = "query" if i in query_pos else "gallery"
-            items.append(SplitItem(b, subset, 0 if i < first_half else 1))
-    return items
-
-
-_MARKET_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-
-
-def _manifest_key(manifest: dict[str, Any]) -> tuple[Any, ...]:
-    return (manifest.get("version"), manifest.get("tracks_sha256"), manifest.get("video_sha256"),
-            manifest.get("protocol"))  # fmt: skip
-
-
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def build_pets09(
     video: Path,
     out: Path,
     tracks: Sequence[TrackBox] | None = None,
-    min_train_len: int = 5,
-    min_test_len: int = 25,
-    test_every: int = 2,
-    test_offset: int = 0,
-    queries_per_tracklet: int = 8,
+    protocol: SplitProtocol | None = None,
     jpeg_quality: int = 95,
     check_video: bool | None = None,
 ) -> dict[str, Any]:
-    """Crop every tracked box and write the SSL bags, the Market-style split and a manifest.
+    """Crop the tracked boxes into training bags and the test / validation retrieval splits, with a manifest.
 
-    Builds in ``<out>.tmp-XXXX`` and renames it to ``out`` at the end. When ``out/manifest.json`` already
-    records the same tracks, video and protocol, nothing is redone. Crops are native resolution (box
-    clipped to the frame), JPEG quality ``jpeg_quality``; the train crops in ``market/bounding_box_train``
-    are hard links to those in ``train/``.
+    The committed tracks go through the same publish step as ``reid_ssl prepare video``
+    (:func:`reid_ssl.data.video.prepare.publish`): bags ``train/vtest-<track:05d>/<frame:06d>.jpg``, Market
+    layouts ``market/`` (test) and ``market_val/`` (validation), ``tracks.csv``, ``contact_vtest.png``,
+    ``manifest.json`` written last. When ``out/manifest.json`` already records the same tracks, video and
+    protocol, nothing is redone.
 
     Args:
         video: ``vtest.avi`` (see :func:`find_video`).
         out: the output folder.
         tracks: defaults to the packaged tracks (:func:`load_tracks`).
+        protocol: the split (default: :class:`~reid_ssl.data.video.split.SplitProtocol`'s defaults).
         check_video: require the video's sha256 to be :data:`VIDEO_SHA256`; default: when ``tracks`` is None.
 
     Returns:
-        The manifest: counts, ``tracks_sha256``, ``video_sha256``, ``protocol`` and the test track ids.
+        The manifest: counts, split counts, ``tracks_sha256``, ``video_sha256`` and the options.
+
+    Raises:
+        InputError: another video than PETS09's; DatasetLayoutError: tracks beyond the video's end.
     """
+    from reid_ssl.data.video.frames import FrameSource
+    from reid_ssl.data.video.prepare import TrackedInput, VideoOptions, publish
+
     video, out = Path(video), Path(out)
     if check_video is None:
         check_video = tracks is None
@@ -392,89 +281,19 @@ def build_pets09(
     video_sha = sha256_file(video)
     if check_video and video_sha != VIDEO_SHA256:
         raise InputError(f"{video} has sha256 {video_sha}, not PETS09 vtest.avi's {VIDEO_SHA256}")
-    protocol = {
-        "min_train_len": min_train_len,
-        "min_test_len": min_test_len,
-        "test_every": test_every,
-        "test_offset": test_offset,
-        "queries_per_tracklet": queries_per_tracklet,
-        "jpeg_quality": jpeg_quality,
-        "camera_rule": "c1 = first ceil(n/2) boxes of a tracklet in time, c2 = the rest",
-    }
-    manifest: dict[str, Any] = {
-        "version": MANIFEST_VERSION,
-        "dataset": "PETS09-S2L1 (vtest.avi) tracklets",
-        "tracks_sha256": tracks_sha256(tracks),
-        "video_sha256": video_sha,
-        "protocol": protocol,
-    }
-    existing = _read_manifest(out)
-    if existing is not None and _manifest_key(existing) == _manifest_key(manifest):
-        return existing
-
-    items = split_tracklets(tracks, min_train_len, min_test_len, test_every, test_offset, queries_per_tracklet)
-    by_frame: dict[int, list[SplitItem]] = {}
-    for item in items:
-        by_frame.setdefault(item.box.frame, []).append(item)
-    last = max(by_frame, default=-1)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    opt = VideoOptions(split=True, protocol=protocol or SplitProtocol(), jpeg_quality=jpeg_quality)
+    extra = {"dataset": "PETS09-S2L1 (vtest.avi) tracklets", "tracks_sha256": tracks_sha256(tracks), "video_sha256": video_sha}
+    key = json.dumps([MANIFEST_VERSION, extra, opt.protocol.as_dict(), jpeg_quality], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not
-        for sub in ["train", *(f"market/{d}" for d in _MARKET_DIRS.values())]:
-            (tmp / sub).mkdir(parents=True)
-        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
-        n_frames, size = 0, (0, 0)
-        for t, frame in enumerate(read_frames(video)):
-            n_frames, size = t + 1, (frame.shape[1], frame.shape[0])
-            if t > last:
-                continue  # keep decoding to count the frames: cheap, and recorded in the manifest
-            for item in by_frame.get(t, []):
-                box = clip_box(item.box.box, frame.shape[1], frame.shape[0])
-                if box is None:
-                    raise DatasetLayoutError(f"track {item.box.track} frame {t}: box {item.box.box} is outside the frame")
-                x, y, w, h = box
-                crop = frame[y : y + h, x : x + w]
-                market = tmp / "market" / _MARKET_DIRS[item.subset] / market_name(item.box.track, item.camid, item.box.frame)
-                if item.subset == "train":
-                    bag = tmp / "train" / f"{item.box.track:04d}"
-                    bag.mkdir(exist_ok=True)
-                    path = bag / f"{t:06d}.jpg"
-                    if not cv2.imwrite(str(path), crop, params):
-                        raise OSError(f"cannot write {path}")
-                    _link_or_copy(path, market)
-                elif not cv2.imwrite(str(market), crop, params):
-                    raise OSError(f"cannot write {market}")
-        if n_frames <= last:
-            raise DatasetLayoutError(f"tracks reach frame {last} but {video} has {n_frames} frames")
-
-        def ids(subset: str) -> list[int]:
-            return sorted({i.box.track for i in items if i.subset == subset})
-
-        counts = {s: sum(i.subset == s for i in items) for s in ("train", "query", "gallery")}
-        manifest.update(
-            frames=n_frames,
-            frame_size=list(size),
-            counts={
-                "tracks": len(group_tracks(tracks)),
-                "boxes": len(tracks),
-                "train_tracklets": len(ids("train")),
-                "train_crops": counts["train"],
-                "test_tracklets": len(ids("query")),
-                "query": counts["query"],
-                "gallery": counts["gallery"],
-            },
-            train_tracks=ids("train"),
-            test_tracks=ids("query"),
-        )
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
+        existing = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        existing = None
+    if isinstance(existing, dict) and existing.get("digest") == digest:
+        return existing
+    source = FrameSource(video)
+    last = max((b.frame for b in tracks), default=-1)
+    frames = sum(1 for _ in source.frames(source.select()))
+    if last >= frames:
+        raise DatasetLayoutError(f"tracks reach frame {last} but {video} has {frames} frames")
+    return publish([TrackedInput(video, "vtest", 0, source, tracks)], out, opt, digest, extra={**extra, "frames": frames})

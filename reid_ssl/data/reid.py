@@ -28,8 +28,8 @@ Item = tuple[str, int, int]  # (img_path, pid, camid), torchreid's contract
 
 SYSU_DISTRACTOR_DIR = "0000others"
 SYSU_DISTRACTOR_PID = -1000  # SYSU-30k's test script: distractors are wrong matches, not junk
-PETS09_NOTE = (
-    "PETS09 identities are tracklet ids: one person can own several tracklets, so a correct match to another "
+TRACKLET_NOTE = (
+    "identities are tracklet ids: one person can own several tracklets, so a correct match to another "
     "tracklet of the same person counts as wrong; rank-1 and mAP undercount true performance."
 )
 _MARKET_DIRS = ("bounding_box_train", "query", "bounding_box_test")
@@ -149,13 +149,14 @@ def load_market_layout(root: Path) -> ReidSplit:
     return _market_split("market-layout", root, [""])
 
 
-def load_pets09(root: Path) -> ReidSplit:
-    """The PETS09-S2L1 retrieval split written by :mod:`reid_ssl.pets09` (``<root>/market/``)."""
+def load_tracklet_split(name: str, root: Path, folder: str, how: str) -> ReidSplit:
+    """A retrieval split of pseudo-identities written by ``reid_ssl prepare`` (:mod:`reid_ssl.data.video.split`):
+    ``<root>/market/`` (test) or ``<root>/market_val/`` (validation). ``how`` is the command that builds it."""
     try:
-        split = _market_split("pets09", root, ["market", ""])
+        split = _market_split(name, root, [folder, ""] if folder == "market" else [folder])
     except DatasetLayoutError as e:
-        raise DatasetLayoutError(f"{e}; build the PETS09 data with: reid_ssl prepare pets09 --fetch --out {root}") from None
-    split.notes.append(PETS09_NOTE)
+        raise DatasetLayoutError(f"{e}; build it with: {how}") from None
+    split.notes.append(f"{name}: {TRACKLET_NOTE}")
     return split
 
 

@@ -168,13 +168,15 @@ def reid_train_source(name: str, root: Path, train_dirs: Sequence[str]) -> list[
     )
 
 
-def pets09_source(root: Path) -> list[SSLItem]:
-    """PETS09-S2L1 tracklet crops written by ``reid_ssl prepare pets09``: ``train/<track>/<frame>.jpg``."""
+def bags_source(root: Path, how: str) -> list[SSLItem]:
+    """Tracklet bags written by ``reid_ssl prepare`` (pets09, video): ``<root>/train/<bag>/<frame>.jpg``.
+
+    Args:
+        how: the command that builds them, for the error message.
+    """
     train = root / "train"
     if not train.is_dir():
-        raise DatasetLayoutError(
-            f"PETS09 crops not found at {train}; build them with: reid_ssl prepare pets09 --fetch --out {root}"
-        )
+        raise DatasetLayoutError(f"tracklet bags not found at {train}; build them with: {how}")
     return folder_source(train)
 
 

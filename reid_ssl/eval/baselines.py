@@ -11,13 +11,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from reid_ssl.data.reid import read_market_dir
-from reid_ssl.data.video.track import hsv_histogram
 from reid_ssl.errors import DatasetLayoutError
 from reid_ssl.eval.metrics import evaluate_rank
 from reid_ssl.images import open_rgb
+
+
+def hsv_histogram(image: np.ndarray, bins: tuple[int, int] = (16, 8)) -> np.ndarray:
+    """L1-normalised hue x saturation histogram of a BGR image, flattened to ``bins[0] * bins[1]``."""
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    hist = cv2.calcHist([hsv], [0, 1], None, list(bins), [0, 180, 0, 256]).reshape(-1).astype(np.float64)
+    total = hist.sum()
+    return hist / total if total > 0 else hist
 
 
 def stripe_histogram_feature(image: np.ndarray, stripes: int = 3, bins: tuple[int, int] = (16, 8)) -> np.ndarray:

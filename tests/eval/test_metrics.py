@@ -330,3 +330,17 @@ def test_pipeline_on_a_sysu30k_tree_streams(tmp_path, checkpoint) -> None:
     assert any("rank-1" in note for note in res["notes"]) and len(res["files"]["strips"]) == 2
     dense = evaluate_checkpoint(checkpoint, "sysu30k", tmp_path, out_dir=tmp_path / "o", streaming=False)
     assert dense["cmc"] == pytest.approx(res["cmc"]) and dense["mAP"] == pytest.approx(res["mAP"])
+
+
+def test_rank_metrics_market_protocol() -> None:
+    # Query 0 (pid 1, cam 1): gallery sorted by distance = [g0 pid1 cam1 (dropped), g1 pid2, g2 pid1 cam2,
+    # g3 pid1 cam2]; matches after filtering at ranks 2 and 3 -> AP = (1/2 + 2/3) / 2, rank-1 miss.
+    # Query 1 (pid 3) has no valid match and is skipped.
+    distmat = np.array([[0.0, 0.1, 0.2, 0.3], [0.5, 0.5, 0.5, 0.5]])
+    g_pids, g_cams = np.array([1, 2, 1, 1]), np.array([1, 1, 2, 2])
+    r = evaluate_rank(distmat, np.array([1, 3]), g_pids, np.array([1, 1]), g_cams, 3)
+    assert r["num_valid_queries"] == 1
+    np.testing.assert_allclose(r["cmc"], [0, 1, 1])
+    assert r["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="no query"):
+        evaluate_rank(distmat[1:], np.array([3]), g_pids, np.array([1]), g_cams)

@@ -1,9 +1,14 @@
 """People in video frames: one detector interface, registered by name in :data:`DETECTORS`.
 
 A detector takes one BGR frame, (H, W, 3) uint8, and returns :class:`Box` es in that frame's pixels, best
-score first. The PETS09 builder, ``reid_ssl prepare video`` and the app's full-frame search all call the same
+score first, with a score in [0, 1]. ``reid_ssl prepare video`` and the app's full-frame search call the same
 detector objects. Every frame is validated before it reaches native code (OpenCV's HOG corrupts memory on
 frames smaller than its 64x128 window).
+
+* ``hog`` (default): no weights file needed; its SVM margin m becomes the score ``1 - exp(-m)``.
+* ``fasterrcnn``, ``retinanet``, ``ssdlite``: torchvision's COCO detectors, built without weights and loaded
+  from a local file the user already has (``--weights``); nothing is ever downloaded. Only the COCO class
+  "person" is kept.
 
 The default, ``hog``, is OpenCV's HOG + linear SVM pedestrian detector (Dalal and Triggs, CVPR 2005): no
 weights file needed. As measured on PETS09-S2L1 (people 86-140 px tall, below HOG's 128-px window), frames
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import cv2
@@ -181,14 +187,121 @@ class HOGDetector:
             x1, y1 = round(boxes[i, 0] + boxes[i, 2]), round(boxes[i, 1] + boxes[i, 3])
             clipped = clip_box((x0, y0, x1 - x0, y1 - y0), width, height)
             if clipped is not None and clipped[2] >= self.min_box[0] and clipped[3] >= self.min_box[1]:
-                found.append(Box(*clipped, score=float(scores[i])))
+                found.append(Box(*clipped, score=hog_confidence(float(scores[i]))))
         return found
 
 
-DETECTORS: Registry[Callable[..., Detector]] = Registry("person detector")
-DETECTORS.register("hog", HOGDetector, help="OpenCV HOG + linear SVM pedestrian detector (no weights file)")
+def hog_confidence(margin: float) -> float:
+    """HOG's SVM margin (0.3 .. ~3 for people) as a score in [0, 1): ``1 - exp(-margin)``."""
+    return float(1.0 - np.exp(-max(margin, 0.0)))
 
 
-def build_detector(name: str = "hog", **options: object) -> Detector:
-    """A detector from :data:`DETECTORS` with its options."""
-    return DETECTORS[name](**options)
+@dataclass(frozen=True)
+class TorchvisionArch:
+    """A torchvision COCO detector: its builder name and the weights file torchvision publishes for it."""
+
+    builder: str
+    weights_file: str
+
+
+TORCHVISION_DETECTORS = {
+    "fasterrcnn": TorchvisionArch("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
+    "retinanet": TorchvisionArch("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_coco-eeacb38b.pth"),
+    "ssdlite": TorchvisionArch("ssdlite320_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"),
+}
+COCO_PERSON = 1
+
+
+class TorchvisionDetector:
+    """A torchvision COCO detector from a local weights file, keeping "person" boxes above ``score_threshold``.
+
+    Args:
+        arch: a key of :data:`TORCHVISION_DETECTORS`.
+        weights: the state dict file (torchvision's published ``.pth``, or any compatible state dict).
+        device: ``auto``, ``cpu``, ``cuda``...
+
+    Raises:
+        InputError: no ``weights`` given; MissingFileError: the file does not exist (the message names the file
+            torchvision publishes); CheckpointError: it does not load into the architecture.
+    """
+
+    def __init__(self, arch: str, weights: str | None = None, score_threshold: float = 0.5, device: str = "auto") -> None:
+        import torchvision
+
+        from reid_ssl.checkpoint import safe_torch_load
+        from reid_ssl.distributed import resolve_device
+        from reid_ssl.errors import CheckpointError, MissingFileError
+
+        spec = TORCHVISION_DETECTORS[arch]
+        if not weights:
+            raise InputError(
+                f"detector {arch} needs --weights FILE: a local copy of torchvision's {spec.weights_file} "
+                "(reid_ssl never downloads weights); or use --detector hog, which needs none"
+            )
+        if not Path(weights).is_file():
+            raise MissingFileError(f"{arch} weights not found: {weights} (expected torchvision's {spec.weights_file})")
+        builder = getattr(torchvision.models.detection, spec.builder)
+        model = builder(weights=None, weights_backbone=None)
+        state = safe_torch_load(weights, f"{arch} weights file")
+        try:
+            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        except (RuntimeError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{weights} does not fit torchvision's {spec.builder}: {str(e)[:200]}") from None
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.score_threshold = score_threshold
+
+    def __call__(self, frame: np.ndarray) -> list[Box]:
+        import torch
+
+        frame = check_frame(frame, min_size=(8, 8))
+        height, width = frame.shape[:2]
+        x = torch.from_numpy(np.ascontiguousarray(frame[..., ::-1])).permute(2, 0, 1).float().div(255)
+        with torch.no_grad():
+            out = self.model([x.to(self.device)])[0]
+        found = []
+        for (x0, y0, x1, y1), label, score in zip(
+            out["boxes"].cpu().tolist(), out["labels"].cpu().tolist(), out["scores"].cpu().tolist(), strict=True
+        ):
+            if label != COCO_PERSON or score < self.score_threshold:
+                continue
+            box = clip_box((round(x0), round(y0), round(x1 - x0), round(y1 - y0)), width, height)
+            if box is not None:
+                found.append(Box(*box, score=float(score)))
+        return sorted(found, key=lambda b: -b.score)
+
+
+# Every entry builds a detector from the same options: (weights file or None, minimum score in [0, 1] or None,
+# device). A detector that needs no weights refuses a weights file rather than ignoring it.
+DetectorFactory = Callable[[str | None, float | None, str], Detector]
+DETECTORS: Registry[DetectorFactory] = Registry("person detector")
+
+
+@DETECTORS.register("hog", help="OpenCV HOG + linear SVM pedestrian detector (no weights file needed)")
+def _hog(weights: str | None, min_score: float | None, device: str) -> Detector:
+    if weights:
+        raise InputError("the hog detector needs no --weights; it is built into OpenCV")
+    if min_score is None:
+        return HOGDetector()
+    if not 0 < min_score < 1:
+        raise InputError(f"--min-score must be in (0, 1), got {min_score}")
+    return HOGDetector(score_threshold=-float(np.log1p(-min_score)))  # the margin whose confidence is min_score
+
+
+for _name, _arch in TORCHVISION_DETECTORS.items():
+    DETECTORS.register(
+        _name,
+        lambda weights, min_score, device, _n=_name: TorchvisionDetector(
+            _n, weights, 0.5 if min_score is None else min_score, device
+        ),
+        help=f"torchvision {_arch.builder}, COCO person class, from a local --weights file ({_arch.weights_file})",
+    )
+
+
+def build_detector(name: str = "hog", weights: str | None = None, min_score: float | None = None, device: str = "auto") -> Detector:
+    """A detector from :data:`DETECTORS`.
+
+    Raises:
+        UnknownNameError: unknown name; InputError / MissingFileError / CheckpointError: unusable options or weights.
+    """
+    return DETECTORS[name](weights, min_score, device)

@@ -1,0 +1,28 @@
+"""``reid_ssl prepare video`` from the command line: outputs, JSON, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from reid_ssl.cli import main
+from tests.data.video.conftest import colour_detector, write_video  # noqa: F401  (the fixture)
+
+
+def test_prepare_video_cli(tmp_path: Path, capsys, colour_detector) -> None:  # noqa: F811
+    video = write_video(tmp_path / "hall.avi", 50)
+    argv = ["prepare", "video", str(video), "--out", str(tmp_path / "out"), "--detector", "colour", "--min-height", "20"]
+    assert main([*argv, "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["inputs"][0]["camera"] == "hall" and manifest["counts"]["tracks"] >= 4
+    assert main(argv) == 0  # again: the finished input is reused, the table is printed
+    out = capsys.readouterr().out
+    assert "tracklet bags ready" in out and "data.source=video" in out
+    assert main([*argv, "--fps", "5"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["prepare", "video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "o2")]) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+    assert main(["prepare", "video", str(video), "--out", str(tmp_path / "o3"), "--detector", "fasterrcnn"]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert main(["prepare", "video", str(video), "--out", str(tmp_path / "o4"), "--camera", "a", "b"]) == 2
+    assert "--camera was given 2 times for 1 inputs" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""``prepare video`` on generated footage of known identities: purity, crossings, resume, outputs, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from reid_ssl.config import DataConfig
+from reid_ssl.data.datasets import build_source, load_split
+from reid_ssl.data.video.prepare import VideoOptions, prepare_video
+from reid_ssl.errors import AlreadyExistsError, VideoError
+from tests.data.video.conftest import PEOPLE, identity_of, write_frames, write_video
+
+OPTIONS = VideoOptions(detector="colour", min_height=20)
+
+
+def tracklet_identities(out: Path) -> dict[str, list[int]]:
+    """Ground-truth identity of every crop, per bag."""
+    return {
+        bag.name: [identity_of(cv2.imread(str(c))) for c in sorted(bag.glob("*.jpg"))]
+        for bag in sorted((out / "train").iterdir())
+    }
+
+
+def test_tracklets_are_pure_and_cut_at_crossings(tmp_path: Path, colour_detector) -> None:
+    video = write_video(tmp_path / "cam.avi")
+    manifest = prepare_video([video], tmp_path / "out", options=OPTIONS)
+    ids = tracklet_identities(tmp_path / "out")
+    boxes = sum(len(v) for v in ids.values())
+    majority = sum(max(v.count(p) for p in set(v)) for v in ids.values())
+    assert majority / boxes >= 0.98  # purity
+    assert sum(len(set(v)) > 1 for v in ids.values()) == 0  # no identity switch inside a tracklet
+    assert {p for v in ids.values() for p in v} == set(PEOPLE)  # everyone is found
+    # 1 and 2 cross half-way: their tracks are cut, so each owns (at least) two tracklets
+    owners = [max(set(v), key=v.count) for v in ids.values()]
+    assert owners.count(1) >= 2 and owners.count(2) >= 2
+    rows = list(csv.DictReader((tmp_path / "out" / "tracks.csv").open()))
+    assert len(rows) == boxes == manifest["counts"]["boxes"]
+    assert set(rows[0]) >= {"input", "camera", "camid", "frame", "x", "y", "w", "h", "score", "track"}
+    sheet = cv2.imread(str(tmp_path / "out" / "contact_cam.png"))
+    assert sheet is not None and sheet.shape[0] >= 64 * len(ids)
+    # the bags are what `reid_ssl train` reads, bag positives included
+    items = build_source(DataConfig(source="video", root=str(tmp_path / "out"), positives="bag"))
+    assert len(items) == boxes and len({it.bag for it in items}) == len(ids)
+
+
+def test_resume_after_a_kill_redoes_at_most_one_block(tmp_path: Path, colour_detector) -> None:
+    frames = write_frames(tmp_path / "frames", 90)
+    clean = prepare_video([frames], tmp_path / "clean", options=OPTIONS)
+    colour_detector.calls, colour_detector.fail_after = 0, 70
+    with pytest.raises(KeyboardInterrupt):
+        prepare_video([frames], tmp_path / "out", options=OPTIONS)
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "train").exists()
+    colour_detector.calls, colour_detector.fail_after = 0, None
+    resumed = prepare_video([frames], tmp_path / "out", options=OPTIONS)
+    assert colour_detector.calls == 90 - 50  # the first block of 50 frames was kept
+    assert resumed["counts"] == clean["counts"]
+    strip = lambda p: [{k: v for k, v in r.items() if k != "input"} for r in csv.DictReader(p.open())]  # noqa: E731
+    assert strip(tmp_path / "out" / "tracks.csv") == strip(tmp_path / "clean" / "tracks.csv")
+    colour_detector.calls = 0
+    assert prepare_video([frames], tmp_path / "out", options=OPTIONS)["counts"] == clean["counts"]
+    assert colour_detector.calls == 0  # finished inputs are never detected again
+
+
+def test_split_writes_train_bags_and_market_layouts(tmp_path: Path, colour_detector) -> None:
+    from reid_ssl.data.video.split import SplitProtocol
+
+    opt = VideoOptions(detector="colour", min_height=20, split=True, protocol=SplitProtocol(min_test_len=8, queries_per_tracklet=2))
+    manifest = prepare_video([write_video(tmp_path / "a.avi"), write_video(tmp_path / "b.avi", 60)], tmp_path / "out", ["left", "right"], opt)
+    split = load_split("video", tmp_path / "out")
+    assert manifest["split"]["test_tracklets"] >= 1 and len(split.query) >= 2 and len(split.gallery) >= 2
+    assert {c for _, _, c in split.query} == {0}  # queries come from the first half of a tracklet
+    bags = [p.name for p in (tmp_path / "out" / "train").iterdir()]
+    assert bags and all(b.startswith(("left-", "right-")) for b in bags)
+    tracks = {int(r["track"]) for r in csv.DictReader((tmp_path / "out" / "tracks.csv").open()) if r["market"].startswith("market/query")}
+    assert not any(int(b.split("-")[1]) in tracks for b in bags)  # no test tracklet is trained on
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs"][1]["camera"] == "right"
+
+
+def test_bad_inputs_give_clear_errors_and_publish_nothing(tmp_path: Path, colour_detector) -> None:
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(VideoError, match="junk.mp4"):
+        prepare_video([tmp_path / "junk.mp4"], tmp_path / "out", options=OPTIONS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match="without frame images"):
+        prepare_video([tmp_path / "empty"], tmp_path / "out", options=OPTIONS)
+    nobody = tmp_path / "nobody"
+    nobody.mkdir()
+    for t in range(12):
+        cv2.imwrite(str(nobody / f"{t:03d}.png"), np.full((120, 160, 3), 128, np.uint8))
+    with pytest.raises(VideoError, match="no person tracklet found"):
+        prepare_video([nobody], tmp_path / "out", options=OPTIONS)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_different_output_is_never_overwritten_silently(tmp_path: Path, colour_detector) -> None:
+    video = write_video(tmp_path / "cam.avi", 40)
+    prepare_video([video], tmp_path / "out", options=OPTIONS)
+    with pytest.raises(AlreadyExistsError, match="--overwrite"):
+        prepare_video([video], tmp_path / "out", options=VideoOptions(detector="colour", min_height=20, fps=5))
+    again = prepare_video([video], tmp_path / "out", options=VideoOptions(detector="colour", min_height=20, fps=5), overwrite=True)
+    assert again["options"]["fps"] == 5
