@@ -25,7 +25,7 @@ import io
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,24 +206,32 @@ def _strip(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
-def backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def backbone_state_dict(
+    state_dict: Mapping[str, torch.Tensor], expected: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Backbone weights under the backbone's own parameter names, from a state dict with wrapper prefixes.
 
     ``module.``/``_orig_mod.`` are stripped from every key; if keys live under a backbone prefix
     (``backbone.``, ``online.``, ...; e.g. a whole SSL model with projector and target), only those are kept,
-    prefix removed; a classifier (``fc.*``, ``classifier.*``, ``head.*``) is dropped.
+    prefix removed. Classifier keys (``fc.*``, ``classifier.*``, ``head.*``) are dropped unless ``expected``
+    (the receiving network's keys) has them: OSNet's ``fc`` is its embedding layer, ResNet's its classifier.
     """
     sd = {_strip(k, WRAPPER_PREFIXES): v for k, v in state_dict.items()}
     for prefix in BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
             break
-    return {k: v for k, v in sd.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    keep = set(expected or ())
+    return {k: v for k, v in sd.items() if k in keep or not k.startswith(CLASSIFIER_PREFIXES)}
 
 
-def read_backbone_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_backbone_weights(path: str | Path, expected: Collection[str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Backbone weights from a local file: a reid_ssl checkpoint, or a plain state dict (torchvision, timm,
     torchreid's ``{"state_dict": ...}``), read with :func:`safe_torch_load`.
+
+    Args:
+        expected: the receiving backbone's keys (classifier-named keys it has are kept, see
+            :func:`backbone_state_dict`).
 
     Returns:
         (state dict under the backbone's parameter names, a short description of the source format).
@@ -237,4 +245,4 @@ def read_backbone_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], st
     sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else raw
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors (nor a reid_ssl checkpoint)")
-    return backbone_state_dict(sd), "state dict"
+    return backbone_state_dict(sd, expected), "state dict"

@@ -57,7 +57,7 @@ def build_torchreid_model(checkpoint: str | Path | Mapping[str, Any], num_classe
     torchreid = import_torchreid()
     with contextlib.redirect_stdout(io.StringIO()):
         model = torchreid.models.build_model(arch, num_classes=num_classes, loss=loss, pretrained=False)
-    sd = backbone_state_dict(ckpt["backbone"]["state_dict"])
+    sd = backbone_state_dict(ckpt["backbone"]["state_dict"], model.state_dict().keys())
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -97,7 +97,8 @@ def _to_torchreid(ckpt: dict[str, Any], out: Path, opset: int | None) -> None:
 def _to_torchvision(ckpt: dict[str, Any], out: Path, opset: int | None) -> None:
     from reid_ssl.checkpoint import backbone_state_dict
 
-    _save_tensors(backbone_state_dict(ckpt["backbone"]["state_dict"]), out)
+    sd = ckpt["backbone"]["state_dict"]
+    _save_tensors(backbone_state_dict(sd, sd.keys()), out)
 
 
 @EXPORT_FORMATS.register("onnx", help="backbone + L2 normalisation, dynamic batch; preprocessing in the metadata")

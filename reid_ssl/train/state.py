@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,13 @@ def load_backbone_init(model: SSLModel, path: str) -> None:
     Raises:
         CheckpointError: the file is not loadable, or its weights do not fit ``model.backbone``.
     """
+    if not Path(path).is_file() and re.match(r"^(https?://|hf[-_]hub:|hf://|timm/|torchvision[./:]|imagenet$)", path):
+        raise InputError(
+            f"model.init={path!r} names weights to download; reid_ssl never downloads weights: fetch the file "
+            "yourself (torchvision, timm, torchreid or reid_ssl format) and set model.init to its path"
+        )
     try:
-        sd, kind = read_backbone_weights(path)
+        sd, kind = read_backbone_weights(path, model.backbone.state_dict().keys())
     except ReidSslError as e:
         raise CheckpointError(f"model.init: {e}") from None
     missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
