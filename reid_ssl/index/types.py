@@ -230,7 +230,7 @@ class HNSWType(IndexType):
 
 INDEX_TYPES: Registry[IndexType] = Registry("index type")
 INDEX_TYPES.register("flat", IndexType(), help="exact inner product over every vector (brute force)")
-INDEX_TYPES.register("ivf-flat", IVFFlatType(), help="inverted lists of full vectors; visits nprobe lists a query")
+INDEX_TYPES.register("ivf-flat", IVFFlatType(), help="inverted lists of full vectors, nprobe of them visited per query")
 INDEX_TYPES.register(
     "ivf-pq", IVFPQType(), help="inverted lists of product-quantized codes (64 B/vector at 512-D), exact re-ranking"
 )
