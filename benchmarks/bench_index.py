@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid_ssl.index.gallery import INDEX_TYPES, GalleryIndex, GalleryItem, omp_threads
+from reid_ssl.index import INDEX_TYPES, GalleryIndex, GalleryItem, omp_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def bench_type(
     for i in range(5):  # warm-up
         idx.search(q[i], k)
     lat, raw = [], []
-    params = idx._search_params(None, None)
+    params = idx.index_type.search_params(idx.spec, None)
     for r in range(repeats):
         qi = q[r % len(q)]
         t = time.perf_counter()

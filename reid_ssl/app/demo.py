@@ -62,7 +62,7 @@ from PIL import Image  # noqa: E402
 from reid_ssl.app.uploads import UploadError, UploadLimits, check_image, check_upload, safe_name
 from reid_ssl.data.video.detect import Box, Detector, HOGDetector
 from reid_ssl.images import ImageError, open_rgb
-from reid_ssl.index.gallery import (
+from reid_ssl.index import (
     GalleryIndex,
     IndexLockedError,
     SearchHit,

@@ -118,7 +118,7 @@ def check_exposure(host: str, auth: list | None, insecure: bool) -> list[str]:
 def pick_examples(index: object, limit: int = 6) -> list[str]:
     """Example queries: the calibration query folder's images (one per identity), else gallery images."""
     from reid_ssl.images import is_image_name
-    from reid_ssl.index.gallery import parse_market_name
+    from reid_ssl.index import parse_market_name
 
     folder = index.manifest.get("queries")  # type: ignore[attr-defined]
     candidates: list[Path] = []

@@ -1,28 +1,42 @@
-"""`reid_ssl index build|add|remove|search|info|calibrate`: the persistent FAISS gallery (reid_ssl/index.py).
+"""`reid_ssl index build|add|remove|search|info|calibrate`: the persistent FAISS gallery (reid_ssl/index/).
 
 `index build` runs under torchrun too: each rank embeds a shard of the gallery (gloo on CPU, NCCL on GPU)
 and rank 0 merges the shards into one index::
 
     torchrun --nproc_per_node 2 -m reid_ssl.cli index build --checkpoint C --images DIR --out IDX
+
+Camera ids are 0-based everywhere (file name c1 = camid 0). Paths whose bytes are not UTF-8 are indexed as they
+are and printed with \\xNN escapes (``--json`` keeps Python's surrogate escapes, which round-trip exactly).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from reid_ssl.cli.common import DEFAULT_INDEX, int_in, positive_int, print_json, print_table, workers
+from reid_ssl.cli.common import (
+    DEFAULT_INDEX,
+    int_in,
+    non_negative_int,
+    positive_int,
+    print_json,
+    print_table,
+    workers,
+)
 from reid_ssl.console import show_progress
+from reid_ssl.data.datasets import REID_DATASETS
 from reid_ssl.errors import InputError, MissingFileError
+from reid_ssl.index.sidecar import display_path
+from reid_ssl.index.types import AUTO_FLAT_MAX, INDEX_TYPES, type_choices
 
 MAX_K = 1000
 MAX_BATCH = 4096
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``index`` and its actions to the top-level parser."""
     p = subparsers.add_parser(
         "index",
         help="build, update and search a persistent FAISS gallery index",
@@ -30,22 +44,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="index_command", metavar="<action>", required=True)
+    _register_build(sub)
+    _register_updates(sub)
+    _register_search(sub)
 
+
+def _register_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("build", help="embed a gallery folder (or data set) into a new index (resumable)")
     b.add_argument("--checkpoint", required=True, help="reid_ssl checkpoint whose embedder fills the index")
     b.add_argument(
         "--images",
         required=True,
         help="a folder of images (recursive), a Market-1501-layout root (gallery = bounding_box_test, "
-        "query/ calibrates the threshold), or a data set name: pets09",
+        f"query/ calibrates the threshold), or a data set name: {', '.join(REID_DATASETS())}",
     )
     b.add_argument("--out", required=True, help="index folder to create")
     b.add_argument("--data-root", default="data", help="where data set names live (default: data)")
     b.add_argument(
         "--type",
         default="auto",
-        choices=["auto", "flat", "ivf-flat", "ivf-pq", "hnsw"],
-        help="FAISS index type; auto = exact Flat up to 20,000 images, IVF-Flat above",
+        choices=type_choices(),
+        help=f"FAISS index type: auto = flat up to {AUTO_FLAT_MAX:,} images, ivf-flat above; "
+        + "; ".join(f"{name} = {INDEX_TYPES.help(name)}" for name in INDEX_TYPES),
     )
     b.add_argument("--factory", help="explicit faiss.index_factory string (overrides --type's), e.g. IVF256,SQ8")
     b.add_argument("--nprobe", type=positive_int, help="IVF lists visited per query")
@@ -60,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     b.add_argument("--json", action="store_true")
     b.set_defaults(handler=_build)
 
+
+def _register_updates(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = sub.add_parser("add", help="embed more images and add them to an index")
     a.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
     a.add_argument("--index", default=DEFAULT_INDEX)
@@ -77,12 +99,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     r.add_argument("--json", action="store_true")
     r.set_defaults(handler=_remove)
 
+    c = sub.add_parser("calibrate", help="(re)calibrate the 'no match' threshold from labelled data")
+    c.add_argument("--index", default=DEFAULT_INDEX)
+    c.add_argument("--queries", help="folder of Market-named query images; default: leave-one-out on the gallery")
+    c.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(handler=_calibrate)
+
+
+def _register_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("search", help="find the gallery items most similar to query images")
     s.add_argument("--query", required=True, nargs="+", help="query image file(s)")
     s.add_argument("--index", default=DEFAULT_INDEX)
     s.add_argument("-k", type=int_in(1, MAX_K), default=10)
-    s.add_argument("--exclude-camera", type=int, help="drop gallery items of this camera id")
-    s.add_argument("--nprobe", type=positive_int)
+    s.add_argument(
+        "--exclude-camid",
+        type=non_negative_int,
+        metavar="CAMID",
+        help="drop gallery items of this camera id, 0-based: file name c1 = camid 0",
+    )
+    s.add_argument("--nprobe", type=positive_int, help="IVF lists visited per query (default: the index's)")
+    s.add_argument("--ef-search", type=positive_int, help="HNSW candidate list size (default: the index's)")
     s.add_argument("--checkpoint", help="default: the checkpoint that built the index")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
@@ -92,14 +130,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     i.add_argument("--index", default=DEFAULT_INDEX)
     i.add_argument("--json", action="store_true")
     i.set_defaults(handler=_info)
-
-    c = sub.add_parser("calibrate", help="(re)calibrate the 'no match' threshold from labelled data")
-    c.add_argument("--index", default=DEFAULT_INDEX)
-    c.add_argument("--queries", help="folder of Market-named query images; default: leave-one-out on the gallery")
-    c.add_argument("--checkpoint", help="default: the checkpoint that built the index")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(handler=_calibrate)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,9 +144,22 @@ def _embedder_for(idx: Any, checkpoint: str | None, device: str) -> Any:
     if not ckpt:
         raise InputError(f"{idx.path} does not record its checkpoint; pass --checkpoint")
     flip = bool(idx.manifest["embedder"].get("flip", True))
-    embedder = load_embedder(ckpt, device=device, flip=flip)
+    try:
+        embedder = load_embedder(ckpt, device=device, flip=flip)
+    except MissingFileError as e:
+        if checkpoint:
+            raise
+        raise MissingFileError(
+            f"{e} (the checkpoint that built {idx.path}); pass --checkpoint with a copy of it"
+        ) from None
     idx.check_embedder(embedder)
     return embedder
+
+
+def _print_problems(problems: list[tuple[str, str]], label: str = "") -> None:
+    """Up to 10 ``(path, reason)`` lines on standard error."""
+    for path, reason in problems[:10]:
+        print(f"  {label}{display_path(path)}: {reason}", file=sys.stderr)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -124,7 +167,7 @@ def _build(args: argparse.Namespace) -> int:
 
     from reid_ssl.distributed import init_distributed, launched_world_size
     from reid_ssl.embedder import load_embedder
-    from reid_ssl.index.gallery import BuildOptions, build_index, describe_calibration, gallery_source
+    from reid_ssl.index import BuildOptions, build_index, gallery_source
 
     rank, world, barrier, device = 0, 1, None, args.device
     if launched_world_size() > 1:  # under torchrun: one shard per rank
@@ -157,72 +200,50 @@ def _build(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         print_json(result)
-        return 0
+    else:
+        _print_build(result, world)
+    return 0
+
+
+def _print_build(result: dict[str, Any], world: int) -> None:
+    from reid_ssl.index import describe_calibration
+
     cal = result["calibration"]
+    chunks = result["chunks"]
+    if world == 1:
+        chunks = f"{chunks} ({result['embedded_chunks']} embedded now, {chunks - result['embedded_chunks']} resumed)"
     rows = [
-        ("index", result["out"]),
+        ("index", display_path(result["out"])),
         ("images", result["n_images"]),
         ("indexed", result["n_indexed"]),
         ("unreadable", result["n_failed"]),
         ("skipped (symlinks out)", result["n_skipped"]),
         ("type", f"{result['index_type']} ({result['factory']})"),
-        (
-            "chunks",
-            f"{result['chunks']} ({result['embedded_chunks']} embedded now, "
-            f"{result['chunks'] - result['embedded_chunks']} resumed)"
-            if world == 1
-            else result["chunks"],
-        ),
+        ("chunks", chunks),
         ("ranks", world),
         ("no-match threshold", describe_calibration(cal) if isinstance(cal, dict) else (cal or "not calibrated")),
         ("seconds", result["seconds"]),
     ]
     print_table(rows, title="index built")
-    for _path, reason in result["failures"][:10]:
-        print(f"  unreadable: {reason}", file=sys.stderr)
-    return 0
-
-
-def _expand_paths(paths: list[str]) -> tuple[list[Any], list[str], list[tuple[str, str]]]:
-    """Files and folders -> (GalleryItems, roots, skipped)."""
-    from reid_ssl.images import is_image_name
-    from reid_ssl.index.gallery import GalleryItem, folder_items, parse_market_name
-
-    items: list[Any] = []
-    roots: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            got, skip = folder_items(p, False, "cli")
-            items += got
-            skipped += skip
-            roots.append(str(p.resolve()))
-        elif p.is_file():
-            if not is_image_name(p.name):
-                skipped.append((raw, "not an image file name"))
-                continue
-            real = p.resolve()
-            items.append(GalleryItem(path=str(real), source="cli", **(parse_market_name(p.name) or {})))
-            roots.append(str(real.parent))
-        else:
-            raise MissingFileError(f"no such file or folder: {raw}")
-    return items, roots, skipped
+    _print_problems(result["failures"], "unreadable: ")
+    _print_problems(result["skipped"], "skipped: ")
 
 
 def _add(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from reid_ssl.index.gallery import GalleryIndex
+    from reid_ssl.index import GalleryIndex, path_items
 
-    items, roots, skipped = _expand_paths(args.paths)
+    source = path_items(args.paths)
+    items, skipped = source.items, list(source.skipped)
     snapshot = GalleryIndex.load(args.index)  # embed without holding the writer lock (the app may be adding too)
     embedder = _embedder_for(snapshot, args.checkpoint, args.device)
     if not args.allow_duplicates:
         known = snapshot.ids_for_paths([it.path for it in items])
         skipped += [(it.path, "already indexed") for it in items if it.path in known]
         items = [it for it in items if it.path not in known]
-    res = embedder.embed_images([it.path for it in items], batch_size=args.batch_size, progress=show_progress(json=args.json))
+    progress = show_progress(json=args.json)
+    res = embedder.embed_images([it.path for it in items], batch_size=args.batch_size, progress=progress)
     failures = [(items[i].path, reason) for i, reason in res.failures]
     with GalleryIndex.open_for_update(args.index) as idx:  # lock, newest generation, add, save
         idx.check_embedder(embedder)
@@ -234,7 +255,7 @@ def _add(args: argparse.Namespace) -> int:
             skipped += [(it.path, "already indexed") for it, f in zip(ok, fresh, strict=True) if not f]
         ids = idx.add(res.features[fresh], [it for it, f in zip(ok, fresh, strict=True) if f])
         if len(ids):
-            idx.add_roots(*roots)
+            idx.add_roots(*source.roots)
         ntotal = idx.ntotal
     result = {
         "index": args.index,
@@ -247,92 +268,115 @@ def _add(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print_table(
-            [
-                ("index", args.index),
-                ("added", len(ids)),
-                ("unreadable", len(failures)),
-                ("skipped", len(skipped)),
-                ("items now", ntotal),
-            ],
-            title="index add",
-        )
-        for path, reason in (failures + skipped)[:10]:
-            print(f"  {path}: {reason}", file=sys.stderr)
+        rows = [("index", display_path(args.index)), ("added", len(ids)), ("unreadable", len(failures))]
+        print_table([*rows, ("skipped", len(skipped)), ("items now", ntotal)], title="index add")
+        _print_problems(failures + skipped)
     return 1 if failures and not len(ids) else 0
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from reid_ssl.index.gallery import GalleryIndex
+    from reid_ssl.index import GalleryIndex
 
     if not args.ids and not args.path_prefix:
         raise InputError("nothing to remove: give --ids and/or --path-prefix")
     with GalleryIndex.open_for_update(args.index) as idx:
         ids = list(args.ids)
         if args.path_prefix:
-            prefix = str(Path(args.path_prefix).resolve())
-            meta = idx.items(idx.ids)
-            ids += [i for i, m in meta.items() if m["path"] == prefix or m["path"].startswith(prefix + os.sep)]
+            ids += idx.ids_under(args.path_prefix)
         removed = idx.remove(ids)
         ntotal = idx.ntotal
     result = {"index": args.index, "requested": len(set(ids)), "removed": removed, "ntotal": ntotal}
     if args.json:
         print_json(result)
     else:
-        print_table(
-            [
-                ("index", args.index),
-                ("removed", removed),
-                ("not found", len(set(ids)) - removed),
-                ("items now", ntotal),
-            ],
-            title="index remove",
-        )
+        rows = [("index", display_path(args.index)), ("removed", removed), ("not found", len(set(ids)) - removed)]
+        print_table([*rows, ("items now", ntotal)], title="index remove")
     return 0
 
 
+def shortfall_hint(short: Any, exclude_camid: int | None = None) -> str:
+    """What the command line says when a query got fewer than ``-k`` results: the reason and the fix."""
+    head = f"only {short.returned} of {short.k} results: {short.message}"
+    if short.cause == "nprobe":
+        return f"{head}; rerun with a larger --nprobe (now {short.current}; --nprobe {short.maximum} visits every list)"
+    if short.cause == "ef_search":
+        return f"{head}; rerun with a larger --ef-search (now {short.current}, e.g. --ef-search {2 * short.current})"
+    if short.cause == "filters" and exclude_camid is not None:
+        return f"{head}; without --exclude-camid every camera is searched"
+    if short.cause == "gallery":
+        return f"{head}; ask for fewer with -k, or add images with `reid_ssl index add`"
+    return head
+
+
+def _unused_settings(idx: Any, args: argparse.Namespace) -> list[str]:
+    """Notes for search options that the index's type does not take (they change nothing)."""
+    kind = idx.index_type
+    notes = []
+    for option, setting in (("--nprobe", "nprobe"), ("--ef-search", "ef_search")):
+        if getattr(args, setting) is not None and kind is not None and kind.setting != setting:
+            notes.append(f"note: {option} has no effect on a {kind.name} index")
+    return notes
+
+
 def _search(args: argparse.Namespace) -> int:
-    from reid_ssl.index.gallery import GalleryIndex
+    from reid_ssl.index import GalleryIndex
 
     idx = GalleryIndex.load(args.index)
-    embedder = _embedder_for(idx, args.checkpoint, args.device)
     for q in args.query:
         if not Path(q).is_file():
             raise MissingFileError(f"query image not found: {q}")
+    embedder = _embedder_for(idx, args.checkpoint, args.device)
     res = embedder.embed_images(args.query, batch_size=min(64, len(args.query)))
     if res.failures:
         raise InputError("; ".join(reason for _, reason in res.failures))
-    hits = idx.search(res.features, args.k, exclude_camid=args.exclude_camera, nprobe=args.nprobe)
+    hits = idx.search(
+        res.features, args.k, exclude_camid=args.exclude_camid, nprobe=args.nprobe, ef_search=args.ef_search
+    )
     threshold = idx.threshold
     out = []
     for q, row in zip(args.query, hits, strict=True):
         best = row[0].score if row else None
-        match = None if threshold is None or best is None else best >= threshold
-        out.append({"query": q, "match": match, "results": [h.to_dict() for h in row]})
-    if args.json:
-        print_json({"index": args.index, "k": args.k, "threshold": threshold, "queries": out})
-        return 0
-    for q in out:
-        verdict = (
-            ""
-            if q["match"] is None
-            else "  (match)"
-            if q["match"]
-            else f"  (NO MATCH: best score below the threshold {threshold:.3f})"
+        short = row.shortfall
+        out.append(
+            {
+                "query": q,
+                "match": None if threshold is None or best is None else best >= threshold,
+                "returned": len(row),
+                "shortfall": None
+                if short is None
+                else {**short.to_dict(), "hint": shortfall_hint(short, args.exclude_camid)},
+                "results": [h.to_dict() for h in row],
+            }
         )
-        print(f"{q['query']}{verdict}")
-        print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'pid':>5}  {'cam':>3}  {'frame':>6}  path")
-        for rank, h in enumerate(q["results"], 1):
-            cells = [("" if h[c] is None else str(h[c])) for c in ("pid", "camid", "frame")]
-            print(
-                f"  {rank:>4}  {h['score']:>6.3f}  {h['id']:>7}  {cells[0]:>5}  {cells[1]:>3}  {cells[2]:>6}  "
-                f"{h['path']}"
-            )
+    notes = _unused_settings(idx, args)
+    if args.json:
+        print_json({"index": args.index, "k": args.k, "threshold": threshold, "notes": notes, "queries": out})
+        return 0
+    for note in notes:
+        print(note, file=sys.stderr)
+    for q in out:
+        _print_query(q, threshold)
     return 0
 
 
+def _print_query(q: dict[str, Any], threshold: float | None) -> None:
+    verdict = ""
+    if q["match"] is not None:
+        verdict = "  (match)" if q["match"] else f"  (NO MATCH: best score below the threshold {threshold:.3f})"
+    print(f"{display_path(q['query'])}{verdict}")
+    print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'pid':>5}  {'camid':>5}  {'frame':>6}  path")
+    for rank, h in enumerate(q["results"], 1):
+        cells = [("" if h[c] is None else str(h[c])) for c in ("pid", "camid", "frame")]
+        print(
+            f"  {rank:>4}  {h['score']:>6.3f}  {h['id']:>7}  {cells[0]:>5}  {cells[1]:>5}  {cells[2]:>6}  "
+            f"{display_path(h['path'])}"
+        )
+    if q["shortfall"] is not None:
+        print(f"  {q['shortfall']['hint']}")
+
+
 def _info(args: argparse.Namespace) -> int:
-    from reid_ssl.index.gallery import GalleryIndex, describe_calibration
+    from reid_ssl.index import GalleryIndex, describe_calibration
 
     info = GalleryIndex.load(args.index).info()
     if args.json:
@@ -340,22 +384,20 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     cal = info["calibration"]
     threshold = describe_calibration(cal) + ("" if cal is None else f", AUC {cal['auc']:.2f}")
+    preprocess = info["preprocess"]
     print_table(
         [
-            ("path", info["path"]),
+            ("path", display_path(info["path"])),
             ("generation", info["generation"]),
             ("items", info["ntotal"]),
             ("identities", info["identities"]),
-            ("cameras", ", ".join(map(str, info["cameras"])) or "-"),
+            ("camids (0-based)", ", ".join(map(str, info["cameras"])) or "-"),
             ("dim", info["dim"]),
             ("type", f"{info['index_type']} ({info['factory']})"),
             ("nprobe / efSearch", f"{info['nprobe']} / {info['ef_search']}"),
-            ("checkpoint", info["checkpoint"]),
+            ("checkpoint", display_path(info["checkpoint"] or "-")),
             ("embedder", info["embedder_fingerprint"][:16]),
-            (
-                "preprocess",
-                f"{info['preprocess'].get('height')}x{info['preprocess'].get('width')}, flip {info['flip']}",
-            ),
+            ("preprocess", f"{preprocess.get('height')}x{preprocess.get('width')}, flip {info['flip']}"),
             ("no-match threshold", threshold),
             ("bytes on disk", info["bytes_on_disk"]),
             ("updated", info["updated"]),
@@ -366,7 +408,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from reid_ssl.index.gallery import GalleryIndex, folder_items
+    from reid_ssl.index import GalleryIndex, folder_items
 
     with GalleryIndex.open_for_update(args.index) as idx:
         if args.queries:
@@ -374,6 +416,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             if not qdir.is_dir():
                 raise MissingFileError(f"query folder not found: {qdir}")
             queries, _ = folder_items(qdir, False, "query")
+            if not queries:
+                raise InputError(f"no image files under {qdir}")
             embedder = _embedder_for(idx, args.checkpoint, args.device)
             res = embedder.embed_images([q.path for q in queries], progress=show_progress(json=args.json))
             cal = idx.calibrate(res.features, [queries[i] for i in res.ok])

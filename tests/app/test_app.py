@@ -25,7 +25,7 @@ from reid_ssl.app.uploads import UploadError, UploadLimits, check_image, safe_ex
 from reid_ssl import cli
 from reid_ssl.cli.app import check_exposure, is_loopback, parse_auth, resolve_auth
 from reid_ssl.embedder import load_embedder
-from reid_ssl.index.gallery import GalleryIndex, SearchHit, build_index, current_generation, gallery_source
+from reid_ssl.index import GalleryIndex, SearchHit, build_index, current_generation, gallery_source
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTION = re.compile(r"^[01]\.\d{3} · (pid \d+|junk) · cam \d · frame \d+$")

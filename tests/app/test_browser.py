@@ -22,7 +22,7 @@ import pytest
 from tests.helpers import free_port, write_checkpoint, write_market_tree, write_person_image
 
 from reid_ssl.embedder import load_embedder
-from reid_ssl.index.gallery import GalleryIndex, build_index, gallery_source
+from reid_ssl.index import GalleryIndex, build_index, gallery_source
 
 pytestmark = pytest.mark.browser
 
