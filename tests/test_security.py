@@ -42,7 +42,10 @@ import torch
 from tests.helpers import free_port, png_header_only, write_checkpoint, write_market_tree, write_person_image, write_zip
 from PIL import Image
 
-from reid_ssl.app.demo import GallerySearchApp, build_demo, launch, set_offline_env
+from reid_ssl.app.serve import launch, set_offline_env
+from reid_ssl.app.service import GallerySearchApp
+from reid_ssl.app.ui import build_demo
+from reid_ssl.errors import ReidSslError
 from reid_ssl.app.uploads import UploadError, UploadLimits, check_image, safe_extract_zip
 from reid_ssl import cli
 from reid_ssl.index import gallery as index_mod
@@ -1080,8 +1083,6 @@ def test_faults_full_disk_during_index_save_keeps_the_previous_index(small_disk,
 
 
 def test_faults_full_disk_during_gallery_add_in_the_app(small_disk, served, tmp_path):
-    import gradio as gr
-
     embedder = served["embedder"]
     folder = small_disk.folder / "gallery-index"
     images = [write_person_image(tmp_path / f"{i}.jpg", i, np.random.default_rng(i)) for i in range(6)]
@@ -1089,7 +1090,7 @@ def test_faults_full_disk_during_gallery_add_in_the_app(small_disk, served, tmp_
     idx.add(embedder.embed_images(images[:3]).features, [GalleryItem(path=str(p)) for p in images[:3]])
     idx.save(folder)
     app = GallerySearchApp(GalleryIndex.load(folder), embedder)
-    with small_disk.full(leave=4096), pytest.raises(gr.Error, match="the gallery is unchanged"):
+    with small_disk.full(leave=4096), pytest.raises(ReidSslError, match="the gallery is unchanged"):
         app.add_files([str(p) for p in images[3:]])
     assert assert_consistent(folder).ntotal == 3 and current_generation(folder) == 1
     assert list((folder / "uploads").glob("*")) == []  # the copied upload was removed again
