@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 from reid_ssl.app.serve import offline_gradio
 from reid_ssl.app.service import MAX_K, GallerySearchApp
 from reid_ssl.app.uploads import UploadLimits
-from reid_ssl.errors import ReidSslError, one_line
+from reid_ssl.data.market import parse_market_name
+from reid_ssl.errors import InputError, ReidSslError, one_line
+from reid_ssl.images import is_image_name
 from reid_ssl.index import GalleryIndex, describe_calibration
 
 if TYPE_CHECKING:
@@ -83,6 +85,47 @@ def build_demo(
         demo.load(app.stats_markdown, None, stats, api_visibility="private")
     demo.reid_app = app  # for tests and the CLI: the logic behind the UI
     return demo
+
+
+def open_demo(
+    index_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    device: str = "auto",
+    limits: UploadLimits | None = None,
+) -> Any:
+    """:func:`build_demo` over a saved index, with the checkpoint that built it (or ``checkpoint``) and
+    example queries from the index's calibration folder."""
+    from reid_ssl.embedder import load_embedder
+
+    index = GalleryIndex.load(index_dir)
+    ckpt = checkpoint or index.manifest["embedder"].get("checkpoint")
+    if not ckpt:
+        raise InputError(f"{index_dir} does not record its checkpoint; pass --checkpoint")
+    embedder = load_embedder(ckpt, device=device, flip=bool(index.manifest["embedder"].get("flip", True)))
+    index.check_embedder(embedder)
+    return build_demo(index, embedder, examples=pick_examples(index), limits=limits)
+
+
+def pick_examples(index: GalleryIndex, limit: int = 6) -> list[str]:
+    """Example queries: the calibration query folder's images (one per identity), else gallery images."""
+    folder = index.manifest.get("queries")
+    candidates: list[Path] = []
+    if folder and Path(folder).is_dir():
+        candidates = sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p.name))
+    if not candidates:
+        meta = index.items(index.ids[:200])
+        candidates = [Path(m["path"]) for m in meta.values() if Path(m["path"]).is_file()]
+    chosen, seen = [], set()
+    for p in candidates:
+        meta = parse_market_name(p.name)
+        pid = p.name if meta is None else meta.pid
+        if pid not in seen:
+            seen.add(pid)
+            chosen.append(str(p))
+        if len(chosen) == limit:
+            break
+    return chosen
 
 
 def _results(gr: Any, elem_id: str) -> Any:

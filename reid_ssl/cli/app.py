@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from reid_ssl.cli.common import DEFAULT_INDEX, positive_int
-from reid_ssl.errors import InputError, MissingFileError
+from reid_ssl.errors import MissingFileError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,30 +53,6 @@ def port_number(text: str) -> int:
     return value
 
 
-def pick_examples(index: object, limit: int = 6) -> list[str]:
-    """Example queries: the calibration query folder's images (one per identity), else gallery images."""
-    from reid_ssl.data.market import parse_market_name
-    from reid_ssl.images import is_image_name
-
-    folder = index.manifest.get("queries")  # type: ignore[attr-defined]
-    candidates: list[Path] = []
-    if folder and Path(folder).is_dir():
-        candidates = sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p.name))
-    if not candidates:
-        meta = index.items(index.ids[:200])  # type: ignore[attr-defined]
-        candidates = [Path(m["path"]) for m in meta.values() if Path(m["path"]).is_file()]
-    chosen, seen = [], set()
-    for p in candidates:
-        meta = parse_market_name(p.name)
-        pid = p.name if meta is None else meta.pid
-        if pid not in seen:
-            seen.add(pid)
-            chosen.append(str(p))
-        if len(chosen) == limit:
-            break
-    return chosen
-
-
 def run(args: argparse.Namespace) -> int:
     from reid_ssl.app.serve import check_exposure, resolve_auth
 
@@ -94,20 +70,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from reid_ssl.app.serve import launch
-    from reid_ssl.app.ui import build_demo
+    from reid_ssl.app.ui import open_demo
     from reid_ssl.app.uploads import UploadLimits
-    from reid_ssl.embedder import load_embedder
-    from reid_ssl.index import GalleryIndex
 
     torch.set_num_threads(args.threads)
-    index = GalleryIndex.load(index_dir)
-    ckpt = args.checkpoint or index.manifest["embedder"].get("checkpoint")
-    if not ckpt:
-        raise InputError(f"{index_dir} does not record its checkpoint; pass --checkpoint")
-    embedder = load_embedder(ckpt, device=args.device, flip=bool(index.manifest["embedder"].get("flip", True)))
-    index.check_embedder(embedder)
     limits = UploadLimits(max_upload_mb=args.max_upload_mb)
-    demo = build_demo(index, embedder, examples=pick_examples(index), limits=limits)
+    demo = open_demo(index_dir, args.checkpoint, device=args.device, limits=limits)
+    index = demo.reid_app.index
     for w in warnings:
         print(w, file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
