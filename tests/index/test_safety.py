@@ -48,6 +48,7 @@ from tests.helpers import (
     write_checkpoint,
     write_person_image,
 )
+from tests.index.writers import WRITER_CODE
 
 
 @pytest.fixture(scope="module")
@@ -187,21 +188,12 @@ def test_untrusted_wrong_format_or_other_embedder_gives_a_clear_error(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-WRITER = textwrap.dedent("""
-    import sys, numpy as np
-    from reid_ssl.index import GalleryIndex, GalleryItem
-    folder, w = sys.argv[1], int(sys.argv[2])
-    for r in range(6):
-        with GalleryIndex.open_for_update(folder) as idx:
-            x = np.full((3, 8), 0.01, np.float32); x[:, w] = 1.0 + r
-            idx.add(x, [GalleryItem(path=f"/w{w}/r{r}/{i}.jpg", pid=w) for i in range(3)])
-""")
-
-
 def test_concurrency_two_processes_adding_cannot_corrupt_the_index(tmp_path):
     folder = tmp_path / "idx"
     GalleryIndex.create(fake_info(8), "flat").save(folder)
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(w)], env=SUBPROCESS_ENV) for w in (2, 5)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER_CODE, str(folder), str(w)], env=SUBPROCESS_ENV) for w in (2, 5)
+    ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     idx = assert_consistent(folder)
     assert idx.ntotal == 36 and sorted(idx.ids.tolist()) == list(range(36))  # no update lost, no id reused
