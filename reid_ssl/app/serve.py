@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -60,9 +61,12 @@ def offline_gradio() -> ModuleType:
 
 
 class RefuseRemoteFetch:
-    """ASGI middleware: refuse ``/file=<url>`` and ``/proxy=`` so that no client can make the server fetch URLs.
+    """ASGI middleware: no client can make the server fetch a URL.
 
-    (gradio serves ``/gradio_api/file=http://...`` by downloading the URL itself.)
+    Refused with 403: the routes ``/file=<url>`` and ``/proxy=`` (gradio serves ``/gradio_api/file=http://...``
+    by downloading the URL itself), and JSON requests whose file payloads name a remote ``path`` (gradio
+    downloads an input ``{"path": "https://...", "meta": {"_type": "gradio.FileData"}}`` before the event
+    runs). Uploads reach the app through ``/upload`` only.
     """
 
     _REMOTE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:|//)")
@@ -75,11 +79,62 @@ class RefuseRemoteFetch:
             path = scope.get("path", "")
             at = path.find("/file=")
             if "/proxy=" in path or (at >= 0 and self._REMOTE.match(path[at + 6 :])):
-                from starlette.responses import PlainTextResponse
-
-                await PlainTextResponse("This app serves no remote files.", status_code=403)(scope, receive, send)
+                await self._refuse(scope, receive, send)
                 return
+            if scope.get("method") == "POST" and b"json" in dict(scope.get("headers", [])).get(b"content-type", b""):
+                messages, body = await self._read_body(receive)
+                if self.names_remote_file(body):
+                    await self._refuse(scope, receive, send)
+                    return
+                receive = self._replay(messages, receive)
         await self.app(scope, receive, send)
+
+    @classmethod
+    def names_remote_file(cls, body: bytes) -> bool:
+        """Whether a JSON body holds a dict whose ``path`` is a URL (any ``scheme:`` or ``//host``)."""
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, RecursionError):
+            return False  # not JSON: gradio refuses it itself
+        stack = [data]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                path = item.get("path")
+                if isinstance(path, str) and cls._REMOTE.match(path.strip()):
+                    return True
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        return False
+
+    @staticmethod
+    async def _read_body(receive: Any) -> tuple[list[dict], bytes]:
+        messages, chunks = [], []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        return messages, b"".join(chunks)
+
+    @staticmethod
+    def _replay(messages: list[dict], receive: Any) -> Any:
+        pending = list(messages)
+
+        async def replayed() -> dict:
+            return pending.pop(0) if pending else await receive()
+
+        return replayed
+
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any) -> None:
+        from starlette.responses import PlainTextResponse
+
+        await PlainTextResponse("This app serves no remote files.", status_code=403)(scope, receive, send)
 
 
 def launch(

@@ -299,3 +299,26 @@ def test_files_served_symlink_in_the_gallery_pointing_outside_is_never_shown(ser
     finally:
         victim.unlink()
         victim.write_bytes(original)
+
+
+def test_files_served_no_request_makes_the_server_fetch_a_url(served):
+    """gradio downloads an input file payload whose path is a URL before the event runs: refused up front."""
+    api = served.url + "gradio_api/"
+    for remote in ["https://203.0.113.7/person.jpg", "http://169.254.169.254/latest", "//example.com/x.jpg"]:
+        file = {"path": remote, "meta": {"_type": "gradio.FileData"}}
+        for route, body in [
+            ("call/search", {"data": [file, 3]}),
+            ("call/add", {"data": [[file]]}),
+            ("queue/join", {"data": [file], "fn_index": 0, "session_hash": "fuzz", "trigger_id": None}),
+        ]:
+            r = httpx.post(api + route, json=body)
+            assert r.status_code == 403 and "no remote files" in r.text, (remote, route, r.status_code)
+    # the same request with a file uploaded to this server is answered
+    image = served.queries()[0]
+    (path,) = httpx.post(api + "upload", files={"files": (image.name, image.read_bytes(), "image/jpeg")}).json()
+    file = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    r = httpx.post(api + "call/search", json={"data": [file, 3, False, "auto", 0.5]})
+    assert r.status_code == 200 and r.json()["event_id"]
+    with httpx.stream("GET", api + f"call/search/{r.json()['event_id']}", timeout=120) as events:
+        text = "".join(events.iter_text())
+    assert "event: complete" in text and "camid" in text
