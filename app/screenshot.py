@@ -1,23 +1,20 @@
 """Screenshots of the app for the README, taken in Debian's Chromium (needs the `test` extra: playwright).
 
-    python -m app.screenshot --index runs/pets09_r18/gallery --out docs/img
+    python app/screenshot.py --index runs/pets09_r18/gallery --frame FRAME.jpg      # -> docs/img/app_*.png
 
-Starts ``reid_ssl app`` on a free loopback port, searches with one query crop (the first query of the index's
-calibration folder unless ``--query``), excluding the query's camera, and saves ``app_search.png``; with
-``--frame`` it also detects people in that whole frame, clicks one and saves ``app_full_frame.png``.
-Fails if any request leaves loopback.
+Serves the app (reid_ssl.app, in this process) on a free loopback port, searches with one query crop (the
+first query of the index's calibration folder unless ``--query``), excluding the query's camera, and saves
+``app_search.png``; with ``--frame`` it also detects people in that whole frame, clicks one and saves
+``app_full_frame.png``. Fails if any request leaves loopback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,36 +37,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the app exited before it was ready")
-        try:
-            if httpx.get(url + "gradio_api/info", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the app did not answer at {url}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", default="runs/pets09_r18/gallery")
-    p.add_argument("--out", default="runs/screenshots", help="folder for the PNG files")
+    p.add_argument("--out", default="docs/img", help="folder for the PNG files (default: docs/img)")
     p.add_argument("--query", help="query crop (default: first image of the index's query folder)")
     p.add_argument("--frame", help="a whole camera frame for the Full-frame tab (optional)")
     p.add_argument("--person", type=int, default=1, help="which detected person to click (1-based)")
     args = p.parse_args(argv)
 
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="reid_ssl_shot_"))
     from playwright.sync_api import expect, sync_playwright
 
-    from reid_ssl.index.gallery import GalleryIndex
+    from reid_ssl.app.serve import launch
+    from reid_ssl.app.ui import open_demo
 
-    index = GalleryIndex.load(args.index)
+    demo = open_demo(args.index)
+    index = demo.reid_app.index
     query = args.query
     if query is None:
         folder = Path(index.manifest.get("queries") or "")
@@ -79,15 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "GRADIO_TEMP_DIR": tempfile.mkdtemp(prefix="reid_ssl_shot_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reid_ssl.cli", "app", "--index", args.index, "--port", str(port)],
-        env=env,
-        start_new_session=True,
-    )
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     requests: list[str] = []
     try:
-        _wait_ready(url, proc)
         expect.set_options(timeout=120_000)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
@@ -118,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{out / 'app_full_frame.png'}: {page.locator('#frame_status').inner_text()}")
             browser.close()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        demo.close()
     outside = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]
     if outside:
         print(f"requests left loopback: {outside[:5]}", file=sys.stderr)

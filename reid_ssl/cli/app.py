@@ -9,16 +9,11 @@ a share link and never telemetry.
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import os
-import stat
 import sys
 from pathlib import Path
 
 from reid_ssl.cli.common import DEFAULT_INDEX, positive_int
-from reid_ssl.errors import InputError, MissingFileError
-
-AUTH_ENV = "REID_SSL_APP_AUTH"
+from reid_ssl.errors import MissingFileError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,87 +53,9 @@ def port_number(text: str) -> int:
     return value
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-
-
-def parse_auth(text: str, origin: str) -> list[tuple[str, str]]:
-    """``user:password`` entries, one per line or comma; blank lines and ``#`` comments are ignored."""
-    pairs = []
-    for raw in text.replace(",", "\n").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, password = line.partition(":")
-        if not sep or not user or not password:
-            raise InputError(f"{origin}: expected user:password entries, got one without a user or a password")
-        pairs.append((user, password))
-    if not pairs:
-        raise InputError(f"{origin}: no user:password entry")
-    return pairs
-
-
-def resolve_auth(auth_file: str | None, environ: dict[str, str] | None = None) -> tuple[list | None, list[str]]:
-    """(credentials or None, warnings) from --auth-file or $REID_SSL_APP_AUTH (the file wins)."""
-    environ = os.environ if environ is None else environ
-    warnings = []
-    if auth_file:
-        path = Path(auth_file)
-        if not path.is_file():
-            raise MissingFileError(f"auth file not found: {path}")
-        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warnings.append(f"{path} is readable by other users: chmod 600 {path}")
-        return parse_auth(path.read_text(), str(path)), warnings
-    if environ.get(AUTH_ENV):
-        return parse_auth(environ[AUTH_ENV], f"${AUTH_ENV}"), warnings
-    return None, warnings
-
-
-def check_exposure(host: str, auth: list | None, insecure: bool) -> list[str]:
-    """Refuse (InputError) a non-loopback address without a login, unless ``insecure``; returns warnings."""
-    if is_loopback(host) or auth:
-        return []
-    if not insecure:
-        raise InputError(
-            f"refusing to serve on {host} without a login: anyone who reaches it could add images to "
-            f"the gallery. Set {AUTH_ENV}=user:password or pass --auth-file FILE (or "
-            "--insecure-no-auth to accept the risk)"
-        )
-    return [
-        f"WARNING: serving on {host} WITHOUT a login (--insecure-no-auth): anyone who can reach this address "
-        "can search and add images"
-    ]
-
-
-def pick_examples(index: object, limit: int = 6) -> list[str]:
-    """Example queries: the calibration query folder's images (one per identity), else gallery images."""
-    from reid_ssl.images import is_image_name
-    from reid_ssl.index import parse_market_name
-
-    folder = index.manifest.get("queries")  # type: ignore[attr-defined]
-    candidates: list[Path] = []
-    if folder and Path(folder).is_dir():
-        candidates = sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p.name))
-    if not candidates:
-        meta = index.items(index.ids[:200])  # type: ignore[attr-defined]
-        candidates = [Path(m["path"]) for m in meta.values() if Path(m["path"]).is_file()]
-    chosen, seen = [], set()
-    for p in candidates:
-        pid = (parse_market_name(p.name) or {}).get("pid", p.name)
-        if pid not in seen:
-            seen.add(pid)
-            chosen.append(str(p))
-        if len(chosen) == limit:
-            break
-    return chosen
-
-
 def run(args: argparse.Namespace) -> int:
+    from reid_ssl.app.serve import check_exposure, resolve_auth
+
     auth, warnings = resolve_auth(args.auth_file)
     warnings += check_exposure(args.host, auth, args.insecure_no_auth)
     index_dir = Path(args.index)
@@ -150,25 +67,16 @@ def run(args: argparse.Namespace) -> int:
         )
         raise MissingFileError(f"no gallery index at {index_dir}; build it first: {hint}")
 
-    from reid_ssl.app.demo import set_offline_env
-
-    set_offline_env()  # before gradio is imported
     import torch
 
-    from reid_ssl.app.demo import build_demo, launch
+    from reid_ssl.app.serve import launch
+    from reid_ssl.app.ui import open_demo
     from reid_ssl.app.uploads import UploadLimits
-    from reid_ssl.embedder import load_embedder
-    from reid_ssl.index.gallery import GalleryIndex
 
     torch.set_num_threads(args.threads)
-    index = GalleryIndex.load(index_dir)
-    ckpt = args.checkpoint or index.manifest["embedder"].get("checkpoint")
-    if not ckpt:
-        raise InputError(f"{index_dir} does not record its checkpoint; pass --checkpoint")
-    embedder = load_embedder(ckpt, device=args.device, flip=bool(index.manifest["embedder"].get("flip", True)))
-    index.check_embedder(embedder)
     limits = UploadLimits(max_upload_mb=args.max_upload_mb)
-    demo = build_demo(index, embedder, examples=pick_examples(index), limits=limits)
+    demo = open_demo(index_dir, args.checkpoint, device=args.device, limits=limits)
+    index = demo.reid_app.index
     for w in warnings:
         print(w, file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host

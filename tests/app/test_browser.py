@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
-from tests.helpers import free_port, write_checkpoint, write_market_tree, write_person_image
 
 from reid_ssl.embedder import load_embedder
 from reid_ssl.index import GalleryIndex, build_index, gallery_source
+from tests.helpers import REPO, free_port, write_checkpoint, write_market_tree, write_person_image
 
 pytestmark = pytest.mark.browser
 
@@ -38,9 +38,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
 ]
-REPO = Path(__file__).resolve().parents[2]
-CAPTION = re.compile(r"^[01]\.\d{3} · (pid \d+|junk) · cam \d · frame \d+$")
-
+CAPTION = re.compile(r"^[01]\.\d{3} · (pid \d+|junk) · camid \d+ · frame \d+$")
 
 
 @pytest.fixture(scope="module")

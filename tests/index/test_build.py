@@ -17,11 +17,11 @@ from reid_ssl.embedder import load_embedder
 from reid_ssl.errors import InputError
 from reid_ssl.index import BuildOptions, EmbedderMismatchError, GalleryIndex, build_index, gallery_source
 from tests.helpers import (
-    INDEX_ENV,
+    SUBPROCESS_ENV,
     build_market_index,
     free_port,
     latin1_name,
-    run_cli,
+    run_cli_process,
     write_checkpoint,
     write_person_image,
 )
@@ -110,7 +110,7 @@ def test_sigkilled_cli_build_resumes(tmp_path, checkpoint, image_folder):
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "reid_ssl.cli", *argv],
-        env=INDEX_ENV,
+        env=SUBPROCESS_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -120,7 +120,7 @@ def test_sigkilled_cli_build_resumes(tmp_path, checkpoint, image_folder):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "CURRENT").exists()
-    done = run_cli(*argv)
+    done = run_cli_process(*argv)
     assert done.returncode == 0, done.stderr
     res = json.loads(done.stdout)
     assert res["resumed_chunks"] >= 3 and res["embedded_chunks"] == 15 - res["resumed_chunks"]
@@ -130,7 +130,7 @@ def test_sigkilled_cli_build_resumes(tmp_path, checkpoint, image_folder):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_merge_into_the_single_process_index(tmp_path, checkpoint, market_tree):
     common = ["--checkpoint", str(checkpoint), "--images", str(market_tree), "--chunk-size", "5", "--json"]
-    single = run_cli("index", "build", "--out", str(tmp_path / "one"), *common)
+    single = run_cli_process("index", "build", "--out", str(tmp_path / "one"), *common)
     assert single.returncode == 0, single.stderr
     dist = subprocess.run(
         [
@@ -153,7 +153,7 @@ def test_torchrun_two_cpu_ranks_merge_into_the_single_process_index(tmp_path, ch
             "cpu",
             *common,
         ],
-        env=INDEX_ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=300,

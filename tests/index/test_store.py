@@ -16,7 +16,7 @@ import pytest
 
 from reid_ssl.errors import IndexFormatError, IndexLockedError, StaleIndexError
 from reid_ssl.index import GalleryIndex, WriterLock, current_generation, store
-from tests.helpers import INDEX_ENV, clustered, gallery_items, index_info, index_writer_script, unit
+from tests.helpers import SUBPROCESS_ENV, clustered, gallery_items, index_info, index_writer_script, unit
 
 
 @pytest.mark.parametrize("name", ["flat", "hnsw"])
@@ -139,7 +139,7 @@ def test_sigkill_at_random_points_of_saves_keeps_a_loadable_index(tmp_path):
     rng = np.random.default_rng(4)
     for _ in range(3):
         proc = subprocess.Popen(
-            [sys.executable, "-c", SAVE_LOOP, str(folder)], env=INDEX_ENV, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", SAVE_LOOP, str(folder)], env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout.readline()  # at least one save done: kill during a later one
         time.sleep(rng.uniform(0, 0.3))
@@ -176,7 +176,7 @@ def test_concurrent_writers_cannot_corrupt_the_index(tmp_path):
     writer = index_writer_script(rounds=5)
     folder = tmp_path / "idx"
     GalleryIndex.create(index_info(8), "flat").save(folder)
-    procs = [subprocess.Popen([sys.executable, "-c", writer, str(folder), str(w)], env=INDEX_ENV) for w in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(folder), str(w)], env=SUBPROCESS_ENV) for w in range(4)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     idx = GalleryIndex.load(folder)
     assert idx.ntotal == 60 and len(set(idx.ids.tolist())) == 60 and idx._index.ntotal == 60

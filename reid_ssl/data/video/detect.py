@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Protocol
 
 import cv2
+import math
+
 import numpy as np
 
 from reid_ssl.errors import DependencyError, InputError
@@ -160,9 +162,9 @@ class HOGDetector:
         frame = check_frame(frame)
         height, width = frame.shape[:2]
         f = self.factor(height, width)
-        sw, sh = round(width * f), round(height * f)
+        sw, sh = math.floor(width * f), math.floor(height * f)
         if sw < HOG_WINDOW[0] or sh < HOG_WINDOW[1]:
-            need_w, need_h = (round(v / f + 0.4999) for v in HOG_WINDOW)
+            need_w, need_h = (math.ceil(v / f) for v in HOG_WINDOW)
             raise InputError(
                 f"frame too small to detect people: {width}x{height} (min {need_w}x{need_h} here; the HOG "
                 f"detector's window is {HOG_WINDOW[0]}x{HOG_WINDOW[1]})"

@@ -44,7 +44,7 @@ def test_clip_box() -> None:
     assert clip_box((100, 0, 5, 5), 100, 50) is None
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 500, 3), (500, 1, 3), (64, 32, 3), (84, 42, 3), (40, 400, 3), (400, 20, 3)])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 500, 3), (500, 1, 3), (64, 32, 3), (85, 42, 3), (85, 43, 3), (40, 400, 3), (400, 20, 3)])
 def test_frames_below_the_hog_window_are_refused_not_crashed(shape) -> None:
     """OpenCV's HOG corrupts memory on frames smaller than its 64x128 window (frames under 800 px are upscaled
     1.5x first, so the smallest usable frame is 43x86)."""
@@ -54,14 +54,28 @@ def test_frames_below_the_hog_window_are_refused_not_crashed(shape) -> None:
     assert HOGDetector()(np.zeros((130, 3000, 3), np.uint8)) == []  # very wide: capped at 4000 px, still runs
 
 
-@pytest.mark.parametrize(("frame", "message"), [
-    (np.zeros((200, 100), np.uint8), "colour frame"),
-    (np.zeros((200, 100, 4), np.uint8), "colour frame"),
-    (np.zeros((200, 100, 3), np.float32), "8-bit"),
-])
-def test_frames_of_the_wrong_kind_are_refused(frame: np.ndarray, message: str) -> None:
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (np.zeros((64, 32, 3), np.uint8), r"frame too small to detect people: 32x64 \(min 43x86"),  # the issue's
+        (np.zeros((1, 1, 3), np.uint8), "frame too small to detect people: 1x1"),
+        (np.zeros((85, 42, 3), np.uint8), "frame too small"),
+        (np.zeros((2000, 10, 3), np.uint8), "frame too small"),
+        (np.zeros((128, 64), np.uint8), r"expected an \(H, W, 3\) colour frame"),
+        (np.zeros((128, 64, 4), np.uint8), r"expected an \(H, W, 3\) colour frame"),
+        (np.zeros((128, 64, 3), np.float32), "expected an 8-bit frame"),
+    ],
+    ids=["32x64", "1x1", "just-below", "thin", "grey", "rgba", "float"],
+)
+def test_hog_refuses_frames_opencv_would_crash_on(frame, message):
     with pytest.raises(InputError, match=message):
         HOGDetector()(frame)
+
+
+def test_hog_takes_frames_just_above_its_minimum_and_strided_views():
+    assert HOGDetector()(np.zeros((86, 43, 3), np.uint8)) == []
+    wide = np.zeros((200, 400, 3), np.uint8)
+    assert HOGDetector()(wide[::2, ::-2]) == []  # a non-contiguous view is copied before OpenCV sees it
 
 
 def test_hog_finds_the_people_of_a_pets09_frame() -> None:
