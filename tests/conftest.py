@@ -5,22 +5,16 @@ Helpers that tests import live in tests/helpers.py.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-# Keep gradio offline before anything imports it.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("GRADIO_SHARE", "False")
-os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import numpy as np
 import pytest
 import torch
 
+from reid_ssl.app.serve import set_offline_env
 from tests.helpers import write_checkpoint, write_market_tree, write_person_image
+
+set_offline_env()  # before anything imports gradio: no telemetry, no share links, loopback never proxied
 
 torch.set_num_threads(2)
 

@@ -47,6 +47,7 @@ class DatasetSpec:
         reid: ``(root, **options) -> ReidSplit``: re-ID evaluation lists.
         classification: ``(root, "train" | "test") -> LabeledSet``.
         pid_is_tracklet: the "identities" of ``reid`` are tracklets (no identity ground truth exists).
+        how: the command that builds the dataset (named in "not found" errors), when reid_ssl can build it.
     """
 
     description: str
@@ -56,6 +57,7 @@ class DatasetSpec:
     reid: Callable[..., reid.ReidSplit] | None = None
     classification: Callable[[Path, str], cls.LabeledSet] | None = None
     pid_is_tracklet: bool = False
+    how: str = ""  # the command that builds the dataset, when reid_ssl can build it
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -156,6 +158,7 @@ def _tracklet_datasets(name: str, default_root: str, how: str, what: str) -> Non
             ssl=lambda r, d: ssl_sources.bags_source(r, how),
             reid=lambda r, **o: reid.load_tracklet_split(name, r, "market", how),
             pid_is_tracklet=True,
+            how=how,
         ),
     )
     DATASETS.register(
@@ -165,6 +168,7 @@ def _tracklet_datasets(name: str, default_root: str, how: str, what: str) -> Non
             default_root=default_root,
             reid=lambda r, **o: reid.load_tracklet_split(f"{name}-val", r, "market_val", how),
             pid_is_tracklet=True,
+            how=how,
         ),
     )
 
@@ -246,7 +250,8 @@ def load_split(name: str, root: str | Path | None = None, **options: Any) -> rei
         raise InputError(f"dataset {name!r} has no re-ID split; choose one of {list(REID_DATASETS())}")
     path = _root(name, root)
     if not path.is_dir():
-        raise DatasetLayoutError(f"{name}: dataset root {path} not found ({reid.listing(path)})")
+        hint = f"; build it with: {spec.how}" if spec.how else ""
+        raise DatasetLayoutError(f"{name}: dataset root {path} not found ({reid.listing(path)}){hint}")
     return spec.reid(path, **options)
 
 
