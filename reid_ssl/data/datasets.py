@@ -25,7 +25,7 @@ import numpy as np
 
 from reid_ssl.data import classification as cls
 from reid_ssl.data import reid, ssl_sources
-from reid_ssl.data.ssl_sources import SSLItem
+from reid_ssl.data.image_list import ImageList
 from reid_ssl.errors import DatasetLayoutError, InputError
 from reid_ssl.registry import Registry
 
@@ -42,7 +42,7 @@ class DatasetSpec:
     Attributes:
         description: one line for ``--help``.
         default_root: where ``--root`` / ``data.root`` points when not given.
-        ssl: ``(root, data_config) -> [SSLItem]``: unlabeled training images.
+        ssl: ``(root, data_config) -> ImageList``: unlabeled training images.
         array: ``root -> (N, H, W[, C]) uint8``: the in-memory images that ``SSLItem.index`` refers to.
         reid: ``(root, **options) -> ReidSplit``: re-ID evaluation lists.
         classification: ``(root, "train" | "test") -> LabeledSet``.
@@ -52,7 +52,7 @@ class DatasetSpec:
 
     description: str
     default_root: str = DATA_ROOT
-    ssl: Callable[[Path, DataConfig], list[SSLItem]] | None = None
+    ssl: Callable[[Path, DataConfig], ImageList] | None = None
     array: Callable[[Path], np.ndarray] | None = None
     reid: Callable[..., reid.ReidSplit] | None = None
     classification: Callable[[Path, str], cls.LabeledSet] | None = None
@@ -63,7 +63,7 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def _ssl_reid_train(name: str, dirs: tuple[str, ...]) -> Callable[[Path, DataConfig], list[SSLItem]]:
+def _ssl_reid_train(name: str, dirs: tuple[str, ...]) -> Callable[[Path, DataConfig], ImageList]:
     return lambda root, data: ssl_sources.reid_train_source(name, root, dirs)
 
 
@@ -71,7 +71,7 @@ def _list_file(data: DataConfig) -> Path | None:
     return Path(data.list_file) if data.list_file else None
 
 
-def _list_source(root: Path, data: DataConfig) -> list[SSLItem]:
+def _list_source(root: Path, data: DataConfig) -> ImageList:
     if not data.list_file:
         raise InputError("data.source=list needs data.list_file (a text file of image paths, one per line)")
     return ssl_sources.list_source(root, Path(data.list_file))
@@ -207,7 +207,7 @@ def _root(name: str, root: str | Path | None) -> Path:
     return Path(root if root not in (None, "") else default_root(name)).expanduser()
 
 
-def build_source(data: DataConfig) -> list[SSLItem]:
+def build_source(data: DataConfig) -> ImageList:
     """The unlabeled training items of ``data.source`` (a deterministic subset when ``data.max_images``).
 
     Raises:
@@ -220,8 +220,7 @@ def build_source(data: DataConfig) -> list[SSLItem]:
     root = _root(data.source, data.root)
     items = spec.ssl(root, data)
     if data.max_images and len(items) > data.max_images:
-        keep = sorted(random.Random(0).sample(range(len(items)), data.max_images))
-        items = [items[i] for i in keep]
+        items = items.subset(np.array(sorted(random.Random(0).sample(range(len(items)), data.max_images))))
     if not items:
         raise DatasetLayoutError(f"no images found for data.source={data.source!r} under {root}")
     return items

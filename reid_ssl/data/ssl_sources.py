@@ -1,9 +1,11 @@
 """Unlabeled image sources for self-supervised training (registered in :mod:`reid_ssl.data.datasets`).
 
-Every source returns a list of :class:`SSLItem` (path, bag). The bag is a grouping by time (a PETS09
-tracklet, a SYSU-30k folder, a sub-folder of an image folder), never an identity label; it is used only
-when ``data.positives="bag"`` draws the second view from another image of the same bag. Sources whose
-folders ARE labels (ImageNet classes, Market-1501 pids) give no bags, so labels never reach the SSL step.
+Every source returns an :class:`~reid_ssl.data.image_list.ImageList` (paths and bags as arrays: a 30M-image
+corpus costs about 45 bytes per image, shared by every DataLoader worker). The
+bag is a grouping by time (a tracklet, a SYSU-30k folder, a sub-folder of an image folder), never an identity
+label; it is used only when ``data.positives="bag"`` draws the second view from another image of the same bag,
+and to estimate the number of identities for ``loss.k=auto``. Sources whose folders ARE labels (ImageNet
+classes, Market-1501 pids) give no bags, so labels never reach the SSL step.
 """
 
 from __future__ import annotations
@@ -11,31 +13,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from reid_ssl.data.image_list import ImageList, SSLItem, read_image_list, scan_folder
 from reid_ssl.errors import DatasetLayoutError
-from reid_ssl.fileio import display, list_path, read_list_file
-from reid_ssl.images import is_image_name, is_junk_name, list_images
+from reid_ssl.images import is_junk_name
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SSLItem:
-    """One training image: a file, or row ``index`` of an in-memory array (Fashion-MNIST); its bag or -1."""
-
-    path: Path | None
-    bag: int = -1
-    index: int = -1
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sources
-# ---------------------------------------------------------------------------------------------------------
+__all__ = ["BagStats", "ImageList", "SSLItem", "bag_stats", "folder_source", "list_source"]
 
 
 @dataclass(frozen=True)
@@ -53,29 +44,51 @@ class BagStats:
     max_cooccurring: int
 
 
-def bag_stats(items: Sequence[SSLItem]) -> BagStats:
-    """:class:`BagStats` of a list of items (bags from :func:`folder_source` and the like)."""
-    spans: dict[int, list[int]] = {}
-    numeric = True
-    for it in items:
-        if it.bag < 0:
-            continue
-        frame = it.path.stem if it.path is not None else ""
-        if not frame.isdigit():
-            numeric = False
-            spans.setdefault(it.bag, [])
-            continue
-        lo_hi = spans.setdefault(it.bag, [int(frame), int(frame)])
-        if lo_hi:
-            lo_hi[0], lo_hi[1] = min(lo_hi[0], int(frame)), max(lo_hi[1], int(frame))
-    if not numeric or not spans:
-        return BagStats(len(spans), 0)
-    events = sorted([(lo, 1) for lo, _ in spans.values()] + [(hi + 1, -1) for _, hi in spans.values()])
-    best = current = 0
-    for _, delta in events:
-        current += delta
-        best = max(best, current)
-    return BagStats(len(spans), best)
+def bag_stats(items: ImageList) -> BagStats:
+    """:class:`BagStats` of an image list (vectorised: file stems parsed as frame numbers in numpy)."""
+    has = items.bags >= 0
+    n_bags = len(np.unique(items.bags[has]))
+    if items.in_memory or not has.any():
+        return BagStats(n_bags, 0)
+    frames = _stem_numbers(items)
+    if frames is None:
+        return BagStats(n_bags, 0)
+    bags, frames = items.bags[has], frames[has]
+    ids = np.unique(bags, return_inverse=True)[1]
+    lo = np.full(ids.max() + 1, np.iinfo(np.int64).max)
+    hi = np.full(ids.max() + 1, -1, np.int64)
+    np.minimum.at(lo, ids, frames)
+    np.maximum.at(hi, ids, frames)
+    events = np.concatenate([np.stack([lo, np.ones_like(lo)], 1), np.stack([hi + 1, -np.ones_like(hi)], 1)])
+    events = events[np.lexsort((events[:, 1], events[:, 0]))]  # at one frame, ends before starts
+    return BagStats(n_bags, int(np.cumsum(events[:, 1]).max()))
+
+
+def _stem_numbers(items: ImageList) -> np.ndarray | None:
+    """Each file's stem (name without folder and extension) as an integer, or None if one is not all digits."""
+    buf = items.blob
+    stem_start = _last_before(np.flatnonzero(buf == 47), items.starts, items.ends, items.starts - 1) + 1
+    stem_end = _last_before(np.flatnonzero(buf == 46), stem_start, items.ends, items.ends)
+    length = stem_end - stem_start
+    if (length < 1).any() or (length > 15).any():
+        return None
+    width = int(length.max())
+    cols = np.arange(width)
+    digits = buf[np.minimum(stem_start[:, None] + cols, len(buf) - 1)].astype(np.int64) - 48
+    valid = cols[None, :] < length[:, None]
+    if ((digits < 0) | (digits > 9))[valid].any():
+        return None
+    power = 10 ** np.maximum(length[:, None] - 1 - cols, 0)
+    return (np.where(valid, digits, 0) * np.where(valid, power, 0)).sum(axis=1)
+
+
+def _last_before(marks: np.ndarray, lo: np.ndarray, hi: np.ndarray, default: np.ndarray) -> np.ndarray:
+    """Per row, the last position in ``marks`` within [lo, hi), else ``default``."""
+    if not len(marks):
+        return default
+    k = np.searchsorted(marks, hi) - 1
+    pos = marks[np.maximum(k, 0)]
+    return np.where((k >= 0) & (pos >= lo), pos, default)
 
 
 def _expect_dir(path: Path, what: str) -> Path:
@@ -87,61 +100,47 @@ def _expect_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _bagged_by_parent(paths: list[Path], root: Path) -> list[SSLItem]:
-    bags: dict[Path, int] = {}
-    items = []
-    for p in paths:
-        bag = bags.setdefault(p.parent.relative_to(root) if p.is_relative_to(root) else p.parent, len(bags))
-        items.append(SSLItem(p, bag))
-    return items
+def folder_source(root: Path) -> ImageList:
+    """Any folder of images, recursive; each folder holding images is a bag (e.g. one folder per tracklet)."""
+    return scan_folder(_expect_dir(root, "an image folder"))
 
 
-def folder_source(root: Path) -> list[SSLItem]:
-    """Any folder of images, recursive; sub-folders are bags (e.g. one folder per tracklet)."""
-    return _bagged_by_parent(list_images(_expect_dir(root, "an image folder")), root)
-
-
-def list_source(root: Path, list_file: Path) -> list[SSLItem]:
-    """A text file of image paths (one per line, relative to ``root`` unless absolute; extra columns such as
-    labels are ignored); parent folders are bags. Lists from other systems are read as
-    :func:`reid_ssl.fileio.read_list_file` describes.
+def list_source(root: Path, list_file: Path) -> ImageList:
+    """A text file of image paths (one per line, relative to ``root`` unless absolute; further columns such as
+    labels are ignored); each entry's folder is its bag. Lists from other systems (BOM, CRLF, Latin-1 names,
+    Windows separators) are read as :func:`reid_ssl.data.image_list.read_image_list` describes.
 
     Raises:
         MissingFileError: no list file; DatasetLayoutError: a line that is not an image name (file and line named).
     """
-    paths = []
-    for n, line in read_list_file(list_file):
-        entry = line.split()[0]
-        if not is_image_name(entry):
-            raise DatasetLayoutError(f"{list_file}:{n}: {display(entry)!r} is not an image file name")
-        paths.append(list_path(root, entry))
-    return _bagged_by_parent(paths, root)
+    return read_image_list(list_file, root)
 
 
-def imagenet_source(root: Path) -> list[SSLItem]:
+def imagenet_source(root: Path) -> ImageList:
     """ImageNet ``train/<wnid>/*.JPEG`` (``root`` may be the dataset root or its ``train`` folder); no bags."""
     train = root / "train" if (root / "train").is_dir() else root
     folders = sorted(_expect_dir(train, "ImageNet train/<wnid>/ folders").iterdir())
-    classes = [d for d in folders if d.is_dir() and not is_junk_name(d.name)]
-    if not classes:
+    if not any(d.is_dir() and not is_junk_name(d.name) for d in folders):
         raise DatasetLayoutError(f"expected class folders train/<wnid>/ under {train}, found none")
-    return [SSLItem(p) for d in classes for p in list_images(d, recursive=False)]
+    return scan_folder(train, bags=False)
 
 
-def sysu30k_source(root: Path, list_file: Path | None = None) -> list[SSLItem]:
+def sysu30k_source(root: Path, list_file: Path | None = None) -> ImageList:
     """SYSU-30k train set: ``sysu_train_set_all/<10-digit folder>/*.jpg`` (docs/datasets.md).
 
-    Uses ``meta/train.txt`` when present (paths relative to ``sysu_train_set_all/`` or to ``root``), else
-    scans the folders. Folders are the bags. ``bag_level_label.json``, when present, is validated and
-    its bag count logged; its labels are never used (the reference does not use them either).
+    Uses ``meta/train.txt`` when present (paths relative to ``sysu_train_set_all/`` or to ``root``: the first
+    entry decides, one ``stat`` in all), else scans the folders. Folders are the bags.
+    ``bag_level_label.json``, when present, is validated and its bag count logged; its labels are never used
+    (the reference does not use them either).
     """
     train = _expect_dir(root / "sysu_train_set_all", "SYSU-30k sysu_train_set_all/")
     list_file = list_file or (root / "meta" / "train.txt")
     if list_file.is_file():
-        lines = [line.split()[0] for _, line in read_list_file(list_file)]
-        paths = [(train / ln) if (train / ln).exists() or not (root / ln).exists() else (root / ln) for ln in lines]
+        items = read_image_list(list_file, train)
+        if len(items) and not items.path(0).exists() and (root / os.fsdecode(items.blob[items.starts[0] : items.ends[0]].tobytes())).exists():
+            items.root = root
     else:
-        paths = list_images(train)
+        items = scan_folder(train)
     bag_file = root / "bag_level_label.json"
     if bag_file.is_file():
         try:
@@ -150,10 +149,10 @@ def sysu30k_source(root: Path, list_file: Path | None = None) -> list[SSLItem]:
         except (json.JSONDecodeError, TypeError) as e:
             raise DatasetLayoutError(f"{bag_file} is not a SYSU-30k bag label file: {e}") from None
         log.info("SYSU-30k: %d bag records in %s (labels unused)", n_bags, bag_file.name)
-    return _bagged_by_parent(paths, train)
+    return items
 
 
-def reid_train_source(name: str, root: Path, train_dirs: Sequence[str]) -> list[SSLItem]:
+def reid_train_source(name: str, root: Path, train_dirs: Sequence[str]) -> ImageList:
     """The train images of a labeled re-ID set, WITHOUT their identities (no bags).
 
     Args:
@@ -161,14 +160,14 @@ def reid_train_source(name: str, root: Path, train_dirs: Sequence[str]) -> list[
     """
     for rel in train_dirs:
         if (root / rel).is_dir():
-            return [SSLItem(p) for p in list_images(root / rel)]
+            return scan_folder(root / rel, bags=False)
     raise DatasetLayoutError(
         f"{name}: expected one of {list(train_dirs)} under {root}; found "
         f"{sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else 'no such folder'}"
     )
 
 
-def bags_source(root: Path, how: str) -> list[SSLItem]:
+def bags_source(root: Path, how: str) -> ImageList:
     """Tracklet bags written by ``reid_ssl prepare`` (pets09, video): ``<root>/train/<bag>/<frame>.jpg``.
 
     Args:
@@ -177,7 +176,7 @@ def bags_source(root: Path, how: str) -> list[SSLItem]:
     train = root / "train"
     if not train.is_dir():
         raise DatasetLayoutError(f"tracklet bags not found at {train}; build them with: {how}")
-    return folder_source(train)
+    return scan_folder(train)
 
 
 @functools.lru_cache(maxsize=2)
@@ -188,8 +187,8 @@ def fashion_mnist_images(root: str | Path) -> np.ndarray:
     return load_fashion_mnist(root if str(root) not in ("", ".") else FASHION_MNIST_ROOT, "train")[0]
 
 
-def fashion_mnist_source(root: Path) -> list[SSLItem]:
-    """Fashion-MNIST training images as in-memory items (``root``: the folder of the idx files); no bags."""
-    return [SSLItem(None, -1, i) for i in range(len(fashion_mnist_images(root)))]
+def fashion_mnist_source(root: Path) -> ImageList:
+    """Fashion-MNIST training images as rows of an in-memory array (``root``: the folder of the idx files)."""
+    return ImageList.in_memory_rows(len(fashion_mnist_images(root)))
 
 

@@ -17,7 +17,8 @@ import torch
 
 from reid_ssl.checkpoint import backbone_block, load_checkpoint, preprocess_from_config, read_backbone_weights
 from reid_ssl.config import SAFE_ON_RESUME, Config, LossConfig, apply_changes, config_diff, from_dict, to_dict
-from reid_ssl.data.ssl_sources import SSLItem, bag_stats
+from reid_ssl.data.image_list import ImageList
+from reid_ssl.data.ssl_sources import bag_stats
 from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidSslError
 from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
 from reid_ssl.losses.krule import auto_window
@@ -189,7 +190,7 @@ def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str
     return RunPlan(requested, ckpt, path, applied, notes)
 
 
-def resolve_deputy_window(cfg: Config, items: list[SSLItem], negatives: int) -> tuple[LossConfig, dict[str, Any]]:
+def resolve_deputy_window(cfg: Config, items: ImageList, negatives: int) -> tuple[LossConfig, dict[str, Any]]:
     """The ``loss`` section the loss is built from, with ``k: auto`` turned into a concrete window.
 
     Identities: ``loss.identities`` when set, else estimated from the bags as the geometric mean of a lower

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from reid_ssl.config import load_config
+from reid_ssl.data.image_list import scan_folder
 from reid_ssl.data.ssl_sources import folder_source
 from reid_ssl.errors import InputError
 from reid_ssl.train.state import resolve_deputy_window
@@ -42,6 +43,6 @@ def test_auto_window_needs_identities_or_bags(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for n in range(4):
         write_person_image(tmp_path / "flat" / f"{n}.jpg", n, rng)
-    items = [type(it)(it.path) for it in folder_source(tmp_path / "flat")]  # no bags
+    items = scan_folder(tmp_path / "flat", bags=False)
     with pytest.raises(InputError, match="loss.identities"):
         resolve_deputy_window(load_config(None, ["loss.k=auto"]), items, 63)

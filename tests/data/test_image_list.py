@@ -1,0 +1,73 @@
+"""Image lists as arrays: list files from anywhere, folder scans, bags, subsets, without a Python object per image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reid_ssl.data.image_list import ImageList, read_image_list, scan_folder
+from reid_ssl.data.ssl_sources import bag_stats
+from reid_ssl.errors import DatasetLayoutError, MissingFileError
+
+
+def _touch(root: Path, *names: str | bytes) -> None:
+    for name in names:
+        path = root / (os.fsdecode(name) if isinstance(name, bytes) else name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def test_list_file_quirks_and_bags(tmp_path: Path) -> None:
+    _touch(tmp_path, "a/1.jpg", "a/2.JPG", "b/3.png", "b/4.png", b"c/caf\xe9.jpg", "a/5.jpg")
+    text = b"\xef\xbb\xbf# comment\r\na/1.jpg 0\r\n\r\na/2.JPG\tlabel\n  b/3.png\nb/4.png 7\nc/caf\xe9.jpg\na/5.jpg"
+    (tmp_path / "list.txt").write_bytes(text)
+    items = read_image_list(tmp_path / "list.txt", tmp_path)
+    assert [p.path.relative_to(tmp_path).as_posix() for p in items] == [
+        "a/1.jpg", "a/2.JPG", "b/3.png", "b/4.png", os.fsdecode(b"c/caf\xe9.jpg"), "a/5.jpg",
+    ]  # fmt: skip
+    assert all(p.path.is_file() for p in items)
+    assert items.bags.tolist() == [0, 0, 1, 1, 2, 3]  # a folder's lines are one bag per run
+    ids, offsets, order = items.bag_members()
+    assert ids.tolist() == [0, 1, 2, 3] and order[offsets[1] : offsets[2]].tolist() == [2, 3]
+    sub = items.subset(np.array([4, 0]))
+    assert [p.path.name for p in sub] == [os.fsdecode(b"caf\xe9.jpg"), "1.jpg"] and sub.blob is items.blob
+
+
+def test_windows_lists_and_bad_lines(tmp_path: Path) -> None:
+    _touch(tmp_path, "a/1.jpg", "a/2.jpg")
+    (tmp_path / "win.txt").write_bytes(b"a\\1.jpg\r\na\\2.jpg\r\n")
+    assert [p.path for p in read_image_list(tmp_path / "win.txt", tmp_path)] == [tmp_path / "a/1.jpg", tmp_path / "a/2.jpg"]
+    (tmp_path / "bad.txt").write_bytes(b"a/1.jpg\nnotes.txt\n")
+    with pytest.raises(DatasetLayoutError, match=r"bad.txt:2: 'notes.txt' is not an image file name"):
+        read_image_list(tmp_path / "bad.txt", tmp_path)
+    with pytest.raises(MissingFileError):
+        read_image_list(tmp_path / "none.txt", tmp_path)
+
+
+def test_folder_scan_sorted_bags_and_junk(tmp_path: Path) -> None:
+    _touch(tmp_path, "t2/000010.jpg", "t2/000011.jpg", "t1/000001.jpg", "t1/000002.png", "t1/._000001.jpg", ".cache/9.jpg", "t1/notes.txt", "top.jpg")
+    items = scan_folder(tmp_path)
+    assert [p.path.relative_to(tmp_path).as_posix() for p in items] == ["top.jpg", "t1/000001.jpg", "t1/000002.png", "t2/000010.jpg", "t2/000011.jpg"]
+    assert items.bags.tolist() == [0, 1, 1, 2, 2]
+    assert scan_folder(tmp_path, bags=False).bags.tolist() == [-1] * 5
+    stats = bag_stats(scan_folder(tmp_path / "t1").subset(np.array([0, 1])))
+    assert (stats.bags, stats.max_cooccurring) == (1, 1)
+    assert bag_stats(items).max_cooccurring == 0  # "top" is not a frame number: no timeline, no lower bound
+
+
+def test_in_memory_rows_and_sizes() -> None:
+    rows = ImageList.in_memory_rows(5)
+    assert len(rows) == 5 and rows[3].index == 3 and rows[3].path is None and bag_stats(rows).bags == 0
+
+
+def test_a_million_entries_cost_arrays_not_objects(tmp_path: Path) -> None:
+    n = 200_000
+    (tmp_path / "big.txt").write_bytes(b"".join(b"%010d/%07d.jpg\n" % (i // 100, i) for i in range(n)))
+    items = read_image_list(tmp_path / "big.txt", tmp_path)
+    assert len(items) == n and int(items.bags.max()) + 1 == n // 100
+    per_image = (items.blob.nbytes + items.starts.nbytes + items.ends.nbytes + items.bags.nbytes) / n
+    assert per_image < 60  # bytes per image, all arrays (a Python object per image costs ~350)
+    assert items.path(123_456).name == "0123456.jpg"
