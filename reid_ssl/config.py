@@ -141,6 +141,9 @@ class TrainConfig:
     eval_every_epochs: int = 5
     max_steps: int = 0  # stop after this many optimizer steps (0 = full schedule); for smoke runs
     tensorboard: bool = True
+    # audit: every process appends "epoch,image" for each image it trained on to <out_dir>/samples-rank<r>.csv
+    # (image = the position in the source's list; with shards, the position the manifest's source had)
+    sample_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ SAFE_ON_RESUME = frozenset(
         "train.eval_dataset",
         "train.eval_root",
         "train.eval_every_epochs",
+        "train.sample_log",
         "train.tensorboard",
         "data.num_workers",
         "data.bad_images",

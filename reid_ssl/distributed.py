@@ -93,3 +93,12 @@ def gather_rows(z: torch.Tensor, d: Dist) -> torch.Tensor:
     parts = [torch.empty_like(z) for _ in range(d.world_size)]
     dist.all_gather(parts, z.detach().contiguous())
     return torch.cat([z] + [p for r, p in enumerate(parts) if r != d.rank])
+
+
+def all_values(value: object, d: Dist) -> list[object]:
+    """``value`` of every process, in rank order (``[value]`` when alone); a collective."""
+    if d.world_size == 1 or not dist.is_initialized():
+        return [value]
+    every: list[object] = [None] * d.world_size
+    dist.all_gather_object(every, value)
+    return every

@@ -6,6 +6,7 @@ exactly the registered names; an entry registered at run time appears in both wi
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -25,16 +26,22 @@ CONFIG_KEYS: list[tuple[Registry[Any], str, Any]] = [
     (BACKBONES, "model.backbone", lambda spec: True),
     (LOSSES, "loss.name", lambda cls: True),
     (OPTIMIZERS, "optim.name", lambda fn: True),
-    (DATASETS, "data.source", lambda spec: spec.ssl is not None),
+    (DATASETS, "data.source", lambda spec: spec.ssl is not None or spec.stream),
 ]
 
 
 def _help(*command: str) -> str:
+    """A command's --help text, wrapped wide (argparse wraps at the terminal width, and may break at hyphens)."""
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command[0]]  # noqa: SLF001
     for name in command[1:]:
         sub = next(a for a in sub._actions if getattr(a, "choices", None) and name in a.choices).choices[name]  # noqa: SLF001
-    return sub.format_help()
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "1000"
+    try:
+        return sub.format_help()
+    finally:
+        os.environ.pop("COLUMNS") if old is None else os.environ.__setitem__("COLUMNS", old)
 
 
 def _overrides(key: str, name: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""``reid_ssl prepare``: build training data: ``pets09`` (the bundled PETS09 tracks) or ``video`` (your footage)."""
+"""``reid_ssl prepare``: build training data: ``pets09`` (the bundled PETS09 tracks), ``video`` (your footage), or
+``shards`` (any training source packed into tar shards for streaming)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ pets09: find vtest.avi (or fetch it from Debian's opencv-doc package with --fetc
 video: any video OpenCV decodes, or a folder of frames, into the same layout: people detected, tracked with
   ByteTrack, tracklets cut where they are uncertain (crossings, gaps), crops at native resolution, tracks.csv,
   one contact sheet per camera. Several inputs = several cameras. Resumable: a killed run continues where it
-  stopped. Train on the result with data.source=video data.root=OUT."""
+  stopped. Train on the result with data.source=video data.root=OUT.
+shards: pack any training source (folder, list, imagenet, sysu30k, pets09, video, ...) into WebDataset tar
+  shards with each image's bag, and a manifest; train with data.source=shards data.root=OUT on any number of
+  processes and nodes."""
+
+SHARDS_DESCRIPTION = (
+    "Pack any training source into WebDataset tar shards: each image's original bytes with its bag (tracklet) id, "
+    "a bag never split across shards, and manifest.json (counts, bags, sha256 of every shard) written last. "
+    "Train with data.source=shards data.root=OUT: the shards are split across processes, nodes and loader "
+    "workers, every image is trained on once per epoch, and a killed run resumes without re-reading what it "
+    "trained on. Unreadable images are listed in the manifest and left out."
+)
 
 EPILOG = """\
 examples:
@@ -22,13 +34,15 @@ examples:
   reid_ssl prepare video lobby.mp4 street.mp4 --camera lobby street --fps 5 --out data/mycams --split
   reid_ssl prepare video frames/ --source-fps 12 --start 60 --end 600 --out data/clip
   reid_ssl prepare video cam.mp4 --detector fasterrcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --out data/cam
-  reid_ssl train data.source=video data.root=data/mycams data.positives=bag train.out_dir=runs/mycams"""
+  reid_ssl train data.source=video data.root=data/mycams data.positives=bag train.out_dir=runs/mycams
+  reid_ssl prepare shards sysu30k --root /data/SYSU-30k --out /data/sysu30k-shards
+  reid_ssl train data.source=shards data.root=/data/sysu30k-shards"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from reid_ssl.data.video.detect import DETECTORS
 
-    prep = add_parser(sub, "prepare", "build training data: pets09 (bundled tracks) or video (your footage)", DESCRIPTION, EPILOG)
+    prep = add_parser(sub, "prepare", "build training data: pets09 (bundled tracks), video (your footage), shards (streaming)", DESCRIPTION, EPILOG)
     what = prep.add_subparsers(dest="dataset", metavar="<dataset>", required=True)
     p = what.add_parser("pets09", help="PETS09-S2L1 from Debian's opencv-doc package", description=wrap(DESCRIPTION.split("\nvideo:")[0]))
     p.add_argument("--video", help="path to vtest.avi (default: data/vtest.avi, then the opencv-doc path)")
@@ -53,6 +67,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs or options")
     v.add_argument("--json", action="store_true", help="print the manifest as JSON")
     v.set_defaults(handler=run_video)
+
+    from reid_ssl.data.datasets import DATASETS, SSL_SOURCES
+
+    sources = [n for n in SSL_SOURCES() if not DATASETS[n].stream]
+    s = what.add_parser(
+        "shards",
+        help="any training source -> WebDataset tar shards for streamed, multi-node training",
+        description=wrap(SHARDS_DESCRIPTION),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("source", choices=sources, metavar="SOURCE", help="the training source: " + ", ".join(sources))
+    s.add_argument("--root", help="the source's folder (default: its usual place under data/)")
+    s.add_argument("--list-file", default="", help="for SOURCE list (and optional for sysu30k): the image list")
+    s.add_argument("--out", required=True, help="the shard folder to write")
+    s.add_argument(
+        "--samples-per-shard", type=positive_int, default=2000,
+        help="images per shard (default 2000); a bag is never split, so shards end at the next bag boundary",
+    )  # fmt: skip
+    s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    s.set_defaults(handler=run_shards)
 
 
 def run_pets09(args: argparse.Namespace) -> int:
@@ -89,6 +125,32 @@ def run_video(args: argparse.Namespace) -> int:
     progress = show_progress(json=args.json)
     manifest = prepare_video(args.inputs, args.out, args.camera, options, overwrite=args.overwrite, progress=progress)
     _report(manifest, f"tracklet bags ready in {args.out} (train with data.source=video data.root={args.out})", args.json)
+    return 0
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    setup_logging(json=args.json)
+    from tqdm import tqdm
+
+    from reid_ssl.config import DataConfig
+    from reid_ssl.data.datasets import build_source, default_root, source_array
+    from reid_ssl.data.shards import write_shards
+
+    root = args.root or default_root(args.source)
+    data = DataConfig(source=args.source, root=root, list_file=args.list_file)
+    items = build_source(data)
+    source = {"source": args.source, "root": str(Path(root).resolve()), "list_file": args.list_file}
+    with tqdm(total=len(items), unit="img", desc="shards", disable=not show_progress(json=args.json)) as bar:
+        manifest = write_shards(
+            items, args.out, array=source_array(data), samples_per_shard=args.samples_per_shard,
+            source=source, overwrite=args.overwrite, progress=bar.update,
+        )  # fmt: skip
+    if args.json:
+        print_json(manifest)
+        return 0
+    rows = [("images", manifest["samples"]), ("bags", manifest["bags"]), ("shards", len(manifest["shards"]))]
+    rows += [("unreadable (skipped)", manifest["num_unreadable"]), ("seconds", manifest["seconds"])]
+    print_table(rows, f"shards ready in {args.out} (train with data.source=shards data.root={args.out})")
     return 0
 
 

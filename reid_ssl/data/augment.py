@@ -123,13 +123,19 @@ class TwoViewDataset(Dataset):
         raise ImageError(f"10 unreadable images in a row, last: {reasons[-1]}")
 
 
+def view_pair(data: DataConfig, aug: AugmentConfig) -> tuple[T.Compose, T.Compose]:
+    """The view-A and view-B pipelines at the training size ``data.height`` x ``data.width``."""
+    view_a = view_transform(aug, data.height, data.width, aug.blur_a, aug.solarize_a)
+    view_b = view_transform(aug, data.height, data.width, aug.blur_b, aug.solarize_b)
+    return view_a, view_b
+
+
 def two_view_dataset(data: DataConfig, aug: AugmentConfig, items: list[SSLItem] | None = None) -> TwoViewDataset:
     """Items of the configured source wrapped with the view-A / view-B pipelines."""
     from reid_ssl.data.datasets import build_source, source_array
 
     items = items if items is not None else build_source(data)
-    view_a = view_transform(aug, data.height, data.width, aug.blur_a, aug.solarize_a)
-    view_b = view_transform(aug, data.height, data.width, aug.blur_b, aug.solarize_b)
+    view_a, view_b = view_pair(data, aug)
     array = source_array(data)
     return TwoViewDataset(items, view_a, view_b, bag_positives=data.positives == "bag", array=array)
 

@@ -48,6 +48,7 @@ class DatasetSpec:
         classification: ``(root, "train" | "test") -> LabeledSet``.
         pid_is_tracklet: the "identities" of ``reid`` are tracklets (no identity ground truth exists).
         how: the command that builds the dataset (named in "not found" errors), when reid_ssl can build it.
+        stream: training images are streamed (tar shards) rather than listed: ``reid_ssl.train.feed`` reads them.
     """
 
     description: str
@@ -58,6 +59,7 @@ class DatasetSpec:
     classification: Callable[[Path, str], cls.LabeledSet] | None = None
     pid_is_tracklet: bool = False
     how: str = ""  # the command that builds the dataset, when reid_ssl can build it
+    stream: bool = False
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -193,7 +195,16 @@ DATASETS.register(
     ),
 )
 
-SSL_SOURCES = partial(DATASETS.names, lambda s: s.ssl is not None)
+DATASETS.register(
+    "shards",
+    DatasetSpec(
+        "WebDataset-style tar shards of any source above, streamed to every process and worker",
+        stream=True,
+        how="reid_ssl prepare shards SOURCE --root DIR --out SHARDS",
+    ),
+)
+
+SSL_SOURCES = partial(DATASETS.names, lambda s: s.ssl is not None or s.stream)
 REID_DATASETS = partial(DATASETS.names, lambda s: s.reid is not None)
 CLASSIFICATION_DATASETS = partial(DATASETS.names, lambda s: s.classification is not None)
 
@@ -216,6 +227,8 @@ def build_source(data: DataConfig) -> ImageList:
     """
     spec = DATASETS[data.source]
     if spec.ssl is None:
+        if spec.stream:
+            raise InputError(f"data.source={data.source!r} is streamed, not listed: the training loop reads it")
         raise InputError(f"dataset {data.source!r} has no training images; data.source is one of {list(SSL_SOURCES())}")
     root = _root(data.source, data.root)
     items = spec.ssl(root, data)

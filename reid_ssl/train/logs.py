@@ -67,6 +67,21 @@ class MetricsLog:
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
+class SampleLog:
+    """``<out_dir>/samples-rank<r>.csv``: ``epoch,image`` for every image process ``r`` trained on (appended
+    across resumes; ``train.sample_log``). Every process writes its own file, nothing else."""
+
+    def __init__(self, out_dir: Path, rank: int) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / f"samples-rank{rank}.csv"
+        if not self.path.is_file():
+            self.path.write_text("epoch,image\n")
+
+    def write(self, epoch: int, images: Any) -> None:
+        with self.path.open("a") as f:
+            f.writelines(f"{epoch},{int(i)}\n" for i in images)
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

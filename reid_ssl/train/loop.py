@@ -19,20 +19,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.distributed.algorithms import Join
 from tqdm import tqdm
 
 from reid_ssl.checkpoint import preprocess_from_config, save_checkpoint
 from reid_ssl.config import Config, LossConfig, to_dict
-from reid_ssl.data.augment import TwoViewDataset, two_view_dataset
-from reid_ssl.data.sampler import EpochSampler
-from reid_ssl.distributed import Dist, gather_rows, init_distributed, shutdown
+from reid_ssl.distributed import Dist, all_values, gather_rows, init_distributed, shutdown
 from reid_ssl.embedder import Embedder
-from reid_ssl.errors import InputError, TrainingError
+from reid_ssl.errors import CheckpointError, InputError, TrainingError
 from reid_ssl.losses import loss_from_config, similarity_stats
 from reid_ssl.models import SSLModel, update_target
 from reid_ssl.optim import build_optimizer, cosine_schedule, warmup_cosine_lr
-from reid_ssl.train.logs import MetricsLog
+from reid_ssl.train.feed import FileFeed, ShardFeed, build_feed
+from reid_ssl.train.logs import MetricsLog, SampleLog
 from reid_ssl.train.state import (
     CHECKPOINT_NAME,
     RunPlan,
@@ -58,39 +57,39 @@ class _Run:
     cfg: Config
     d: Dist
     device: torch.device
-    dataset: TwoViewDataset
-    sampler: EpochSampler
-    loader: DataLoader
-    loader_rng: torch.Generator
+    feed: FileFeed | ShardFeed
     model: nn.Module  # what forward() is called on (DDP / compile wrappers included)
     core: SSLModel  # the bare pair (its backbone is what checkpoints store)
     ddp: nn.parallel.DistributedDataParallel | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
+    epoch_steps: list[int]  # optimizer steps of each epoch (shards: those of the busiest process)
     total_steps: int
     warmup_steps: int
     out_dir: Path
     logs: MetricsLog | None
+    samples: SampleLog | None = None  # train.sample_log
     loss_cfg: LossConfig | None = None  # the loss section with k: auto resolved
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    feed_state: dict[str, Any] = field(default_factory=dict)  # where the current epoch resumes
     history: dict[str, Any] = field(default_factory=lambda: {"monitor": []})
     last_loss: float = math.nan
     seen: int = 0
     t_start: float = field(default_factory=time.perf_counter)
 
-    @property
-    def micro_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch()
+    def steps_before(self, epoch: int) -> int:
+        """Optimizer steps of the epochs before ``epoch`` (capped at the run's total)."""
+        return min(sum(self.epoch_steps[:epoch]), self.total_steps)
 
-    def save(self, at_epoch: int, at_batch: int) -> None:
+    def save(self, at_epoch: int, feed_state: dict[str, Any]) -> None:
         """Atomically write ``<out_dir>/checkpoint.pt`` (main process only)."""
         if self.d.main:
             payload = training_checkpoint(
-                self.cfg, self.core, self.optimizer, self.scaler, self.step, at_epoch, at_batch, self.history
+                self.cfg, self.core, self.optimizer, self.scaler, self.step, at_epoch, feed_state, self.history
             )
+            payload["world_size"] = self.d.world_size
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, payload)
 
 
@@ -145,38 +144,26 @@ def _build(plan: RunPlan) -> _Run:
     out_dir = Path(cfg.train.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_start(d, plan)
 
-    # ----- data --------------------------------------------------------------------------------------
-    dataset = two_view_dataset(cfg.data, cfg.augment)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, d.rank, d.world_size)
-    # The loader's own generator seeds its workers; starting an epoch then never draws from the global RNG,
-    # whose state the checkpoint restores (exact resume with num_workers=0).
-    loader_rng = torch.Generator()
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        generator=loader_rng,
-    )
-    micro = sampler.batches_per_epoch()
+    # ----- data and the deputy window ----------------------------------------------------------------
+    feed = build_feed(cfg, d, device)
+    negatives = cfg.train.batch_size * (d.world_size if cfg.loss.gather_negatives else 1) - 1
+    loss_cfg, k_rule = resolve_deputy_window(cfg, feed.stats, negatives)
+    feed.smallest_batch(loss_cfg.k_hi + 2)  # an epoch's short last batch still has k_hi negatives per anchor
+    micro = feed.micro_batches(0)
     if micro < cfg.train.accumulate:
         raise InputError(
-            f"{len(dataset)} images give {micro} batches of {cfg.train.batch_size} per process and epoch, "
+            f"{feed.images} images give {micro} batches of {cfg.train.batch_size} per process and epoch, "
             f"fewer than train.accumulate={cfg.train.accumulate} needs for one optimizer step; "
             "lower train.accumulate or train.batch_size"
         )
-    steps_per_epoch = max(1, micro // cfg.train.accumulate)
-    total_steps = cfg.train.epochs * steps_per_epoch
+    epoch_steps = [max(1, feed.micro_batches(e) // cfg.train.accumulate) for e in range(cfg.train.epochs)]
+    total_steps = sum(epoch_steps)
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    # ----- model, loss, optimizer --------------------------------------------------------------------
-    negatives = cfg.train.batch_size * (d.world_size if cfg.loss.gather_negatives else 1) - 1
-    loss_cfg, k_rule = resolve_deputy_window(cfg, dataset.items, negatives)
+    # ----- model, optimizer --------------------------------------------------------------------------
     core, model, ddp = _model(cfg, d, device, resumed, plan.source)
     optimizer = build_optimizer(
         cfg.optim.name,
@@ -189,24 +176,18 @@ def _build(plan: RunPlan) -> _Run:
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     logs = MetricsLog(out_dir, cfg.train.tensorboard) if d.main else None
     run = _Run(
-        cfg, d, device, dataset, sampler, loader, loader_rng, model, core, ddp, optimizer, scaler,
-        loss_from_config(loss_cfg), total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), out_dir, logs,
+        cfg, d, device, feed, model, core, ddp, optimizer, scaler, loss_from_config(loss_cfg), epoch_steps,
+        total_steps, round(cfg.optim.warmup_epochs * epoch_steps[0]), out_dir, logs,
     )  # fmt: skip
     run.loss_cfg = loss_cfg
+    run.samples = SampleLog(out_dir, d.rank) if cfg.train.sample_log else None
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        run.step, run.epoch, run.batch_in_epoch = resumed["step"], resumed["epoch"], resumed["batch_in_epoch"]
-        run.history = resumed.get("history", run.history)
-        set_rng_state(resumed["rng"])
-        if d.main:
-            log.info("resumed %s at step %d (epoch %d, batch %d)", plan.source, run.step, run.epoch, run.batch_in_epoch)
+        _restore(run, resumed, plan.source)
     run.history["k_rule"] = k_rule
     if d.main:
         log.info(
             "data: %d images from %s (%s); %d optimizer steps of %d x %d x %d images; %d negatives/anchor",
-            len(dataset), cfg.data.source, cfg.data.root, total_steps,
+            feed.images, cfg.data.source, cfg.data.root, total_steps,
             cfg.train.batch_size, d.world_size, cfg.train.accumulate, negatives,
         )  # fmt: skip
         for note in plan.notes:
@@ -219,6 +200,48 @@ def _build(plan: RunPlan) -> _Run:
                 loss_cfg.k_lo, loss_cfg.k_hi, loss_cfg.k_lo, k_rule["p_true_negative"],
             )  # fmt: skip
     return run
+
+
+def _check_same_start(d: Dist, plan: RunPlan) -> None:
+    """Every process must start from the same place (on several nodes, each reads ``train.out_dir`` itself).
+
+    Raises:
+        CheckpointError: some process found a checkpoint to continue and another did not (or another one).
+    """
+    here = None if plan.checkpoint is None else (str(plan.source), plan.checkpoint["step"])
+    every = all_values(here, d)
+    if any(e != every[0] for e in every):
+        seen = "; ".join(f"process {r}: {'step %d of %s' % (e[1], e[0]) if e else 'no checkpoint'}" for r, e in enumerate(every))
+        raise CheckpointError(
+            f"the processes of this job disagree about where to start ({seen}). train.out_dir "
+            f"({plan.cfg.train.out_dir}) must be one folder that every node sees (a shared filesystem), or pass "
+            "--resume PATH with a checkpoint every node can read"
+        )
+
+
+def _restore(run: _Run, resumed: dict[str, Any], source: Path | None) -> None:
+    """Continue from ``resumed``: optimizer, scaler, step, epoch, where the epoch stopped, history, RNG.
+
+    Raises:
+        CheckpointError: the checkpoint was written by a job of another size (the batches and the learning-rate
+            schedule depend on the number of processes).
+    """
+    world = resumed.get("world_size", run.d.world_size)
+    if world != run.d.world_size:
+        raise CheckpointError(
+            f"{source} was written by a job of {world} process(es); this one has {run.d.world_size}. Resume with the "
+            f"same number of processes (torchrun --nnodes x --nproc-per-node = {world}), or start a new run from its "
+            f"weights: model.init={source} train.out_dir=<new folder>"
+        )
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    if run.scaler is not None and resumed.get("scaler"):
+        run.scaler.load_state_dict(resumed["scaler"])
+    run.step, run.epoch = resumed["step"], resumed["epoch"]
+    run.feed_state = resumed.get("feed") or {"batch_in_epoch": resumed.get("batch_in_epoch", 0)}
+    run.history = resumed.get("history", run.history)
+    set_rng_state(resumed["rng"])
+    if run.d.main:
+        log.info("resumed %s at step %d (epoch %d, %s)", source, run.step, run.epoch, run.feed_state)
 
 
 def _model(
@@ -256,17 +279,42 @@ def _model(
 
 
 def _train_epoch(run: _Run, bar: tqdm) -> None:
-    """One pass over this process's share of the data (or what is left of it after a resume)."""
-    cfg = run.cfg
-    run.sampler.set_epoch(run.epoch, run.batch_in_epoch)
-    run.loader_rng.manual_seed(cfg.train.seed * 100_003 + run.epoch * 101 + run.d.rank)
+    """One pass over this process's share of the data (or what is left of it after a resume).
+
+    Streamed shards give processes different numbers of batches: the pass runs under DDP's ``Join`` (a process
+    that runs out keeps answering the others' gradient all-reduces) and then every process takes the step
+    count of the busiest one.
+    """
+    left, common = run.feed.start(run.epoch, run.feed_state)
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    micro = 0  # micro-batches done in this pass over the loader
+    join = Join([run.ddp]) if (run.ddp is not None and run.feed.uneven) else nullcontext()
+    with join:
+        micro = _pass(run, bar, common)
+    complete = micro >= left
+    if complete:
+        run.epoch += 1
+        run.feed_state = {}
+        if run.d.world_size > 1 and run.feed.uneven:  # everyone continues at the busiest process's step
+            run.step = run.steps_before(run.epoch)
+    else:  # stopped at train.max_steps inside the epoch: every process is here, so this collective is safe
+        run.feed_state = run.feed.state(micro + int(run.feed_state.get("batch_in_epoch", 0)))
+
+
+def _pass(run: _Run, bar: tqdm, common: int) -> int:
+    """Train on the feed's batches until it ends or the run reaches its last step; returns the micro-batches done.
+
+    A checkpoint inside the epoch is written every ``train.checkpoint_every_steps`` while every process is still
+    training (``common`` micro-batches), because collecting the shard positions is a collective.
+    """
+    cfg = run.cfg
+    micro, before = 0, int(run.feed_state.get("batch_in_epoch", 0))
     data_s, t_log, t_wait = 0.0, time.perf_counter(), time.perf_counter()
-    for v1, v2, bad in run.loader:
+    for v1, v2, bad, images in run.feed:
         data_s += time.perf_counter() - t_wait
         _count_bad_images(run, bad)
+        if run.samples is not None:
+            run.samples.write(run.epoch, images)
         micro += 1
         last_micro = micro % cfg.train.accumulate == 0
         p1, z2 = _forward_backward(run, v1, v2, sync=last_micro)
@@ -284,14 +332,12 @@ def _train_epoch(run: _Run, bar: tqdm) -> None:
                 k_lo, k_hi = run.loss_cfg.k_lo, run.loss_cfg.k_hi
                 run.logs.step(run.step, run.epoch, run.last_loss, lr, momentum, rate, wait, similarity_stats(p1, z2, k_lo, k_hi))
                 data_s, t_log = 0.0, time.perf_counter()
-        if run.step % cfg.train.checkpoint_every_steps == 0:
-            run.save(run.epoch, run.batch_in_epoch + micro)
         if run.step >= run.total_steps:
             break
+        if run.step % cfg.train.checkpoint_every_steps == 0 and micro <= common:
+            run.save(run.epoch, run.feed.state(before + micro))
         t_wait = time.perf_counter()
-    run.batch_in_epoch += micro
-    if run.batch_in_epoch >= run.micro_per_epoch:
-        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    return micro
 
 
 def _count_bad_images(run: _Run, bad: list[str]) -> None:
@@ -357,7 +403,7 @@ def _end_of_epoch(run: _Run, monitor: Monitor | None, bar: tqdm | None) -> None:
             bar.write(f"epoch {run.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     every = cfg.train.checkpoint_every_epochs
     if finished or (every and run.epoch % every == 0):
-        run.save(run.epoch, run.batch_in_epoch)
+        run.save(run.epoch, run.feed_state)
 
 
 def _summary(run: _Run, plan: RunPlan, already_finished: bool = False) -> dict[str, Any]:

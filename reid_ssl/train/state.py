@@ -17,8 +17,7 @@ import torch
 
 from reid_ssl.checkpoint import backbone_block, load_checkpoint, preprocess_from_config, read_backbone_weights
 from reid_ssl.config import SAFE_ON_RESUME, Config, LossConfig, apply_changes, config_diff, from_dict, to_dict
-from reid_ssl.data.image_list import ImageList
-from reid_ssl.data.ssl_sources import bag_stats
+from reid_ssl.data.ssl_sources import BagStats
 from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidSslError
 from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
 from reid_ssl.losses.krule import auto_window
@@ -114,16 +113,19 @@ def training_checkpoint(
     scaler: torch.amp.GradScaler | None,
     step: int,
     epoch: int,
-    batch_in_epoch: int,
+    feed_state: dict[str, Any],
     history: dict[str, Any],
 ) -> dict[str, Any]:
+    """Everything a resume needs; ``feed_state`` says where in ``epoch`` the data stopped
+    (:meth:`reid_ssl.train.feed.Feed.state`)."""
     return {
         "backbone": backbone_block(cfg.model.backbone, model.backbone.feature_dim, model.backbone.state_dict()),
         "preprocess": preprocess_from_config(cfg),
         "config": to_dict(cfg),
         "step": step,
         "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
+        "batch_in_epoch": int(feed_state.get("batch_in_epoch", 0)),
+        "feed": feed_state,
         # the online backbone is already in "backbone"; store the rest of the pair once
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")},
         "optimizer": optimizer.state_dict(),
@@ -190,7 +192,7 @@ def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str
     return RunPlan(requested, ckpt, path, applied, notes)
 
 
-def resolve_deputy_window(cfg: Config, items: ImageList, negatives: int) -> tuple[LossConfig, dict[str, Any]]:
+def resolve_deputy_window(cfg: Config, stats: BagStats, negatives: int) -> tuple[LossConfig, dict[str, Any]]:
     """The ``loss`` section the loss is built from, with ``k: auto`` turned into a concrete window.
 
     Identities: ``loss.identities`` when set, else estimated from the bags as the geometric mean of a lower
@@ -208,7 +210,6 @@ def resolve_deputy_window(cfg: Config, items: ImageList, negatives: int) -> tupl
         return loss, info
     identities, source = loss.identities, "loss.identities"
     if identities == 0:
-        stats = bag_stats(items)
         info.update(bags=stats.bags, max_cooccurring_bags=stats.max_cooccurring)
         if stats.bags and stats.max_cooccurring:
             identities = max(1, round(math.sqrt(stats.bags * stats.max_cooccurring)))

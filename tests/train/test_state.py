@@ -9,7 +9,7 @@ import pytest
 
 from reid_ssl.config import load_config
 from reid_ssl.data.image_list import scan_folder
-from reid_ssl.data.ssl_sources import folder_source
+from reid_ssl.data.ssl_sources import bag_stats, folder_source
 from reid_ssl.errors import InputError
 from reid_ssl.train.state import resolve_deputy_window
 from tests.helpers import write_person_image
@@ -28,14 +28,14 @@ def _bags(root: Path, n_bags: int = 12, at_once: int = 3) -> Path:
 def test_auto_window_from_bags(tmp_path: Path) -> None:
     items = folder_source(_bags(tmp_path / "bags"))
     cfg = load_config(None, ["loss.k=auto", "train.batch_size=64"])
-    loss, info = resolve_deputy_window(cfg, items, 63)
+    loss, info = resolve_deputy_window(cfg, bag_stats(items), 63)
     # 3 bags at once (people are distinct), 12 bags in all: sqrt(3 * 12) = 6 identities
     assert (info["bags"], info["max_cooccurring_bags"], info["identities"]) == (12, 3, 6)
     assert loss.k_hi - loss.k_lo == cfg.loss.k_hi - cfg.loss.k_lo and info["p_true_negative"] >= 0.99
     assert loss.k_lo > cfg.loss.k_lo  # few people in a batch of 64: the paper's rank 2 would often be the same person
-    given, info = resolve_deputy_window(load_config(None, ["loss.k=auto", "loss.identities=1000"]), items, 63)
+    given, info = resolve_deputy_window(load_config(None, ["loss.k=auto", "loss.identities=1000"]), bag_stats(items), 63)
     assert info["identities_source"] == "loss.identities" and given.k_lo == 2  # the paper's rank 2, at 1000 ids
-    fixed, info = resolve_deputy_window(load_config(None, []), items, 63)
+    fixed, info = resolve_deputy_window(load_config(None, []), bag_stats(items), 63)
     assert (fixed.k_lo, fixed.k_hi) == (2, 10) and 0 < info["p_true_negative"] < 0.99  # logged, not acted on
 
 
@@ -45,4 +45,4 @@ def test_auto_window_needs_identities_or_bags(tmp_path: Path) -> None:
         write_person_image(tmp_path / "flat" / f"{n}.jpg", n, rng)
     items = scan_folder(tmp_path / "flat", bags=False)
     with pytest.raises(InputError, match="loss.identities"):
-        resolve_deputy_window(load_config(None, ["loss.k=auto"]), items, 63)
+        resolve_deputy_window(load_config(None, ["loss.k=auto"]), bag_stats(items), 63)
