@@ -66,21 +66,28 @@ METRICS = ("rank1", "rank5", "rank10", "mAP")
 
 def train(name: str, seed: int, root: str, work: Path, threads: int) -> dict[str, Any]:
     """Train candidate ``name`` with ``seed`` (monitor on the validation split); returns the CLI summary."""
-    out = work / name / f"seed{seed}"
-    cmd = [sys.executable, "-m", "reid_ssl.cli", "train", *BASE, *CANDIDATES[name], f"data.root={root}",
+    return train_run(work / name / f"seed{seed}", CANDIDATES[name], seed, root, threads)
+
+
+def train_run(out: Path, overrides: list[str], seed: int, root: str, threads: int) -> dict[str, Any]:
+    """``reid_ssl train`` on the default config plus ``overrides`` into ``out`` (monitor on the validation
+    split every 5 epochs), in a subprocess with ``threads`` threads; returns the CLI summary and the wall time."""
+    cmd = [sys.executable, "-m", "reid_ssl.cli", "train", *BASE, *overrides, f"data.root={root}",
            f"train.seed={seed}", f"train.out_dir={out}", "train.eval_dataset=pets09-val", "train.eval_every_epochs=5",
            "train.tensorboard=false", "-q", "--json"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed}: {done.stderr[-2000:]}")
+        raise RuntimeError(f"{out} (seed {seed}): {done.stderr[-2000:]}")
     summary = json.loads(done.stdout[done.stdout.index("{") :])
     return {"wall_s": round(time.perf_counter() - t0, 1), "checkpoint": str(out / "checkpoint.pt"), **summary}
 
 
-def score(checkpoint: str | None, split: str, root: str, size: tuple[int, int], seed: int = 0) -> dict[str, float]:
-    """Rank-1/5/10 and mAP (flip-averaged cosine) of a checkpoint, or of the untrained ResNet-18 (``None``)."""
+def score(
+    checkpoint: str | None, split: str, root: str, size: tuple[int, int], seed: int = 0, backbone: str = "resnet18"
+) -> dict[str, float]:
+    """Rank-1/5/10 and mAP (flip-averaged cosine) of a checkpoint, or of the untrained ``backbone`` (``None``)."""
     import torch
 
     from reid_ssl.checkpoint import load_checkpoint, make_preprocess, state_dict_sha256
@@ -93,7 +100,7 @@ def score(checkpoint: str | None, split: str, root: str, size: tuple[int, int], 
     pre = make_preprocess(*size)
     if checkpoint is None:
         seed_everything(seed)
-        net = build_backbone("resnet18")
+        net = build_backbone(backbone)
         sha = state_dict_sha256(net.state_dict())
     else:
         ckpt = load_checkpoint(checkpoint)
