@@ -1,0 +1,74 @@
+"""Every option a message or help text suggests exists: each ``--flag`` in a string of the package is a flag of
+some ``reid_ssl`` command (or of the named outside tool), and each ``section.key`` is a config key."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+from reid_ssl.cli.main import build_parser
+from reid_ssl.config import Config
+
+PACKAGE = Path(__file__).resolve().parents[1] / "reid_ssl"
+# Flags of other programs that messages quote when they tell the user what to run.
+OUTSIDE_FLAGS = {
+    "--fsys-tarfile",  # dpkg-deb
+    "--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend",
+    "--rdzv-endpoint", "--rdzv-id", "--nproc_per_node", "--master_addr", "--master_port", "--node_rank",  # torchrun
+    "--help", "--version",
+}  # fmt: skip
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+FILE_EXTENSIONS = {"txt", "onnx", "pt", "json", "jsonl", "csv", "yaml", "jpg", "png", "tar"}  # model.onnx is a file
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _flags(sub)
+    return found
+
+
+def _strings() -> list[tuple[Path, int, str]]:
+    """Every string constant in the package, except the flag names given to ``add_argument`` itself."""
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        defining = {
+            id(arg)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+            for arg in node.args
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in defining:
+                out.append((path.relative_to(PACKAGE.parent), node.lineno, node.value))
+    return out
+
+
+def test_every_suggested_flag_exists() -> None:
+    known = _flags(build_parser()) | OUTSIDE_FLAGS
+    unknown = [
+        f"{path}:{line}: {flag}"
+        for path, line, text in _strings()
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", text)
+        if flag not in known
+    ]
+    assert not unknown, "messages suggest flags no command has:\n" + "\n".join(unknown)
+
+
+def test_every_suggested_config_key_exists() -> None:
+    keys = {f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(Config(), s))}
+    pattern = r"(?<![\w./])(" + "|".join(SECTIONS) + r")\.([a-z_][a-z0-9_]*)(?![\w(])"
+    unknown = [
+        f"{path}:{line}: {section}.{key}"
+        for path, line, text in _strings()
+        for section, key in re.findall(pattern, text)
+        if f"{section}.{key}" not in keys and key not in FILE_EXTENSIONS
+    ]
+    assert not unknown, "messages name config keys that do not exist:\n" + "\n".join(unknown)
