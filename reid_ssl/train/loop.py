@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from reid_ssl.checkpoint import preprocess_from_config, save_checkpoint
 from reid_ssl.config import Config, LossConfig, to_dict
-from reid_ssl.distributed import Dist, all_values, gather_rows, init_distributed, shutdown
+from reid_ssl.distributed import Dist, gather_rows, init_distributed, shutdown
 from reid_ssl.embedder import Embedder
 from reid_ssl.errors import CheckpointError, InputError, TrainingError
 from reid_ssl.losses import loss_from_config, similarity_stats
@@ -36,7 +36,8 @@ from reid_ssl.train.state import (
     CHECKPOINT_NAME,
     RunPlan,
     autocast_context,
-    build_model,
+    check_same_start,
+    place_model,
     plan_run,
     resolve_deputy_window,
     seed_everything,
@@ -144,7 +145,7 @@ def _build(plan: RunPlan) -> _Run:
     out_dir = Path(cfg.train.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_start(d, plan)
+    check_same_start(d, plan)
 
     # ----- data and the deputy window ----------------------------------------------------------------
     feed = build_feed(cfg, d, device)
@@ -164,7 +165,7 @@ def _build(plan: RunPlan) -> _Run:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # ----- model, optimizer --------------------------------------------------------------------------
-    core, model, ddp = _model(cfg, d, device, resumed, plan.source)
+    core, model, ddp = place_model(cfg, d, device, resumed, plan.source)
     optimizer = build_optimizer(
         cfg.optim.name,
         [m for m in (core.backbone, core.projector, core.predictor) if m],
@@ -202,23 +203,6 @@ def _build(plan: RunPlan) -> _Run:
     return run
 
 
-def _check_same_start(d: Dist, plan: RunPlan) -> None:
-    """Every process must start from the same place (on several nodes, each reads ``train.out_dir`` itself).
-
-    Raises:
-        CheckpointError: some process found a checkpoint to continue and another did not (or another one).
-    """
-    here = None if plan.checkpoint is None else (str(plan.source), plan.checkpoint["step"])
-    every = all_values(here, d)
-    if any(e != every[0] for e in every):
-        seen = "; ".join(f"process {r}: {'step %d of %s' % (e[1], e[0]) if e else 'no checkpoint'}" for r, e in enumerate(every))
-        raise CheckpointError(
-            f"the processes of this job disagree about where to start ({seen}). train.out_dir "
-            f"({plan.cfg.train.out_dir}) must be one folder that every node sees (a shared filesystem), or pass "
-            "--resume PATH with a checkpoint every node can read"
-        )
-
-
 def _restore(run: _Run, resumed: dict[str, Any], source: Path | None) -> None:
     """Continue from ``resumed``: optimizer, scaler, step, epoch, where the epoch stopped, history, RNG.
 
@@ -242,35 +226,6 @@ def _restore(run: _Run, resumed: dict[str, Any], source: Path | None) -> None:
     set_rng_state(resumed["rng"])
     if run.d.main:
         log.info("resumed %s at step %d (epoch %d, %s)", source, run.step, run.epoch, run.feed_state)
-
-
-def _model(
-    cfg: Config, d: Dist, device: torch.device, resumed: dict[str, Any] | None, source: Path | None
-) -> tuple[SSLModel, nn.Module, nn.parallel.DistributedDataParallel | None]:
-    """The online/target pair (restored on resume), moved, wrapped for DDP and compiled as configured."""
-    model = build_model(cfg)
-    if resumed is not None:
-        model.backbone.load_state_dict(resumed["backbone"]["state_dict"])
-        model.load_state_dict(resumed["model"], strict=False)
-        missing = [k for k in model.state_dict() if not k.startswith("backbone.") and k not in resumed["model"]]
-        if missing:
-            raise TrainingError(f"{source} does not fit this model: missing {missing[:4]}")
-    if d.world_size > 1 and cfg.model.sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif d.main:
-            log.warning("model.sync_bn: PyTorch's SyncBatchNorm needs CUDA; on CPU each process keeps its own BN")
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    core: SSLModel = model
-    wrapped: nn.Module = model
-    ddp = None
-    if d.world_size > 1:
-        wrapped = ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        wrapped = torch.compile(wrapped)
-    return core, wrapped, ddp
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the training checkpoint payload, and where a resume comes from."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import re
@@ -14,16 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from reid_ssl.checkpoint import backbone_block, load_checkpoint, preprocess_from_config, read_backbone_weights
 from reid_ssl.config import SAFE_ON_RESUME, Config, LossConfig, apply_changes, config_diff, from_dict, to_dict
 from reid_ssl.data.ssl_sources import BagStats
-from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidSslError
+from reid_ssl.distributed import Dist, all_values
+from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidSslError, TrainingError
 from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
 from reid_ssl.losses.krule import auto_window
 from reid_ssl.models import SSLModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -231,3 +236,49 @@ def resolve_deputy_window(cfg: Config, stats: BagStats, negatives: int) -> tuple
         p = prob_rank_k_true_negative(negatives, identities, loss.k_lo)
     info.update(k_lo=loss.k_lo, k_hi=loss.k_hi, p_true_negative=p)
     return loss, info
+
+
+def check_same_start(d: Dist, plan: RunPlan) -> None:
+    """Every process must start from the same place (on several nodes, each reads ``train.out_dir`` itself).
+
+    Raises:
+        CheckpointError: some process found a checkpoint to continue and another did not (or another one).
+    """
+    here = None if plan.checkpoint is None else (str(plan.source), plan.checkpoint["step"])
+    every = all_values(here, d)
+    if any(e != every[0] for e in every):
+        seen = "; ".join(f"process {r}: {'step %d of %s' % (e[1], e[0]) if e else 'no checkpoint'}" for r, e in enumerate(every))
+        raise CheckpointError(
+            f"the processes of this job disagree about where to start ({seen}). train.out_dir "
+            f"({plan.cfg.train.out_dir}) must be one folder that every node sees (a shared filesystem), or pass "
+            "--resume PATH with a checkpoint every node can read"
+        )
+
+
+def place_model(
+    cfg: Config, d: Dist, device: torch.device, resumed: dict[str, Any] | None, source: Path | None
+) -> tuple[SSLModel, nn.Module, nn.parallel.DistributedDataParallel | None]:
+    """The online/target pair (restored on resume), moved, wrapped for DDP and compiled as configured."""
+    model = build_model(cfg)
+    if resumed is not None:
+        model.backbone.load_state_dict(resumed["backbone"]["state_dict"])
+        model.load_state_dict(resumed["model"], strict=False)
+        missing = [k for k in model.state_dict() if not k.startswith("backbone.") and k not in resumed["model"]]
+        if missing:
+            raise TrainingError(f"{source} does not fit this model: missing {missing[:4]}")
+    if d.world_size > 1 and cfg.model.sync_bn:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif d.main:
+            log.warning("model.sync_bn: PyTorch's SyncBatchNorm needs CUDA; on CPU each process keeps its own BN")
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    core: SSLModel = model
+    wrapped: nn.Module = model
+    ddp = None
+    if d.world_size > 1:
+        wrapped = ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)
+    return core, wrapped, ddp
