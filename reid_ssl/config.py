@@ -31,7 +31,8 @@ class DataConfig:
     """Where the unlabeled images come from. Labels never reach the SSL step."""
 
     source: str = "pets09"  # a dataset with training images: `reid_ssl train --help` lists them
-    root: str = "data/pets09"  # dataset root (for "list": the folder the listed paths are relative to)
+    root: str = ""  # dataset folder; "" = the source's usual place (data/pets09 for pets09; `reid_ssl train --help`)
+    # (for "list": the folder the listed paths are relative to)
     list_file: str = ""  # for source "list" (and optional for sysu30k: defaults to meta/train.txt)
     height: int = 64  # training crop size (H x W)
     width: int = 32
@@ -134,8 +135,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 200
     checkpoint_every_epochs: int = 1  # also at the end of every N-th epoch (0: only steps and the end)
     log_every_steps: int = 10
-    # rank-1/mAP on a retrieval split during training: "auto" = data.source's own split when it has one (pets09),
-    # a re-ID dataset name (e.g. "market-layout" with eval_root), or "" = off
+    # rank-1/mAP on a retrieval split during training: "auto" = data.source's validation split when it has one
+    # (pets09-val, video-val), else its own split; a re-ID dataset name (e.g. "market-layout" with eval_root);
+    # "" = off
     eval_dataset: str = "auto"
     eval_root: str = ""  # default: data.root
     eval_every_epochs: int = 5

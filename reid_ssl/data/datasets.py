@@ -9,7 +9,7 @@ A dataset entry says what the dataset can give:
 * ``classification``: labelled train / test images (``reid_ssl eval --protocol knn|linear``).
 
 Config validation and every command read their choices from here, so a new dataset layout is one loader
-function (or a few) and one ``DATASETS.register`` call. Layouts, with a tree of each: docs/datasets.md.
+function (or a few) and one ``DATASETS.register`` call. Layouts, with a tree of each: datasets/README.md.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def _ssl_reid_train(name: str, dirs: tuple[str, ...]) -> Callable[[Path, DataConfig], ImageList]:
-    return lambda root, data: ssl_sources.reid_train_source(name, root, dirs)
+def _ssl_reid_train(name: str) -> Callable[[Path, DataConfig], ImageList]:
+    return lambda root, data: ssl_sources.reid_train_source(name, root, reid.train_folders(name))
 
 
 def _list_file(data: DataConfig) -> Path | None:
@@ -107,10 +107,7 @@ DATASETS.register(
     "market1501",
     DatasetSpec(
         "Market-1501: bounding_box_train/, query/, bounding_box_test/",
-        ssl=_ssl_reid_train(
-            "market1501",
-            ("Market-1501-v15.09.15/bounding_box_train", "market1501/bounding_box_train", "bounding_box_train"),
-        ),
+        ssl=_ssl_reid_train("market1501"),
         reid=reid.load_market1501,
     ),
 )
@@ -118,14 +115,7 @@ DATASETS.register(
     "dukemtmcreid",
     DatasetSpec(
         "DukeMTMC-reID: bounding_box_train/, query/, bounding_box_test/",
-        ssl=_ssl_reid_train(
-            "dukemtmcreid",
-            (
-                "DukeMTMC-reID/bounding_box_train",
-                "dukemtmc-reid/DukeMTMC-reID/bounding_box_train",
-                "bounding_box_train",
-            ),
-        ),
+        ssl=_ssl_reid_train("dukemtmcreid"),
         reid=reid.load_dukemtmcreid,
     ),
 )
@@ -133,16 +123,7 @@ DATASETS.register(
     "msmt17",
     DatasetSpec(
         "MSMT17 V1 or V2: train/, test/, list_{train,query,gallery}.txt",
-        ssl=_ssl_reid_train(
-            "msmt17",
-            (
-                "MSMT17_V1/train",
-                "MSMT17_V2/mask_train_v2",
-                "msmt17/MSMT17_V1/train",
-                "msmt17/MSMT17_V2/mask_train_v2",
-                "train",
-            ),
-        ),
+        ssl=_ssl_reid_train("msmt17"),
         reid=reid.load_msmt17,
     ),
 )
@@ -214,7 +195,8 @@ def default_root(name: str) -> str:
     return DATASETS[name].default_root
 
 
-def _root(name: str, root: str | Path | None) -> Path:
+def resolve_root(name: str, root: str | Path | None) -> Path:
+    """``root``, or dataset ``name``'s usual folder when ``root`` is empty."""
     return Path(root if root not in (None, "") else default_root(name)).expanduser()
 
 
@@ -230,7 +212,7 @@ def build_source(data: DataConfig) -> ImageList:
         if spec.stream:
             raise InputError(f"data.source={data.source!r} is streamed, not listed: the training loop reads it")
         raise InputError(f"dataset {data.source!r} has no training images; data.source is one of {list(SSL_SOURCES())}")
-    root = _root(data.source, data.root)
+    root = resolve_root(data.source, data.root)
     items = spec.ssl(root, data)
     if data.max_images and len(items) > data.max_images:
         items = items.subset(np.array(sorted(random.Random(0).sample(range(len(items)), data.max_images))))
@@ -242,7 +224,7 @@ def build_source(data: DataConfig) -> ImageList:
 def source_array(data: DataConfig) -> np.ndarray | None:
     """The in-memory images of ``data.source`` (Fashion-MNIST), or ``None`` for file-based sources."""
     spec = DATASETS[data.source]
-    return spec.array(_root(data.source, data.root)) if spec.array is not None else None
+    return spec.array(resolve_root(data.source, data.root)) if spec.array is not None else None
 
 
 def load_split(name: str, root: str | Path | None = None, **options: Any) -> reid.ReidSplit:
@@ -260,7 +242,7 @@ def load_split(name: str, root: str | Path | None = None, **options: Any) -> rei
     spec = DATASETS[name]
     if spec.reid is None:
         raise InputError(f"dataset {name!r} has no re-ID split; choose one of {list(REID_DATASETS())}")
-    path = _root(name, root)
+    path = resolve_root(name, root)
     if not path.is_dir():
         hint = f"; build it with: {spec.how}" if spec.how else ""
         raise DatasetLayoutError(f"{name}: dataset root {path} not found ({reid.listing(path)}){hint}")
@@ -272,4 +254,4 @@ def load_labeled(name: str, root: str | Path | None, split: str) -> cls.LabeledS
     spec = DATASETS[name]
     if spec.classification is None:
         raise InputError(f"dataset {name!r} has no class labels; choose one of {list(CLASSIFICATION_DATASETS())}")
-    return spec.classification(_root(name, root), split)
+    return spec.classification(resolve_root(name, root), split)

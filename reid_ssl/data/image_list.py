@@ -140,7 +140,7 @@ def read_image_list(list_file: str | Path, root: str | Path, bags: bool = True) 
     """Image paths from a text list, one per line (first column; further columns such as labels are ignored),
     relative to ``root`` unless absolute; each entry's folder is its bag when ``bags``.
 
-    Parsed with vectorised numpy: a UTF-8 byte-order mark, CRLF line ends, blank lines and ``#`` comments are
+    Parsed with vectorised numpy: a UTF-8 byte-order mark, CRLF or CR line ends, blank lines and ``#`` comments are
     handled, bytes that are not UTF-8 are kept as they are (the file system's own names), and nothing is
     ``stat``-ed. Lines of one folder are expected together (as in SYSU-30k's ``train.txt`` or ``find``
     output): a folder whose lines are scattered forms one bag per run of consecutive lines.
@@ -156,6 +156,9 @@ def read_image_list(list_file: str | Path, root: str | Path, bags: bool = True) 
         raise MissingFileError(f"list file not found: {list_file}") from None
     if buf[:3].tobytes() == b"\xef\xbb\xbf":
         buf = buf[3:]
+    cr = np.flatnonzero(buf == 13)
+    lone = cr[(cr + 1 >= len(buf)) | (buf[np.minimum(cr + 1, len(buf) - 1)] != 10)]
+    buf[lone] = 10  # old Mac line ends (a CR alone) end lines too
     if len(buf) and buf[-1] != 10:
         buf = np.append(buf, np.uint8(10))
     ends_nl = np.flatnonzero(buf == 10)

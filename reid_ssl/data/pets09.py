@@ -3,7 +3,7 @@
 The video ships inside Debian's ``opencv-doc`` package (795 frames, 768x576, 10 fps, one static camera, about
 20 people). No identity ground truth exists. Its person tracks were made once and are committed as
 ``resources/pets09_s2l1_tracks.csv`` (``frame,track,x,y,w,h``, frame 0-based, track >= 1), so every machine
-builds the same data set; docs/datasets.md says how they were made (HOG people detector on frames upscaled
+builds the same data set; datasets/README.md says how they were made (HOG people detector on frames upscaled
 1.5x, a MOG2 foreground filter that removes a parked van, Hungarian linking on IoU and colour histograms).
 ``reid_ssl prepare video vtest.avi`` builds tracklets afresh with today's pipeline instead.
 

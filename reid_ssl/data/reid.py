@@ -132,16 +132,37 @@ def _check_nonempty(split: ReidSplit) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Where each dataset's folder may sit under ``--root`` / ``data.root`` (torchreid's folder names first), shared by
+# the evaluation split and the unlabeled training source, so both accept the same roots.
+MARKET1501_ROOTS = ("", "Market-1501-v15.09.15", "market1501", "market1501/Market-1501-v15.09.15")
+DUKE_ROOTS = ("", "DukeMTMC-reID", "dukemtmc-reid", "dukemtmc-reid/DukeMTMC-reID")
+MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
+
+
+def train_folders(name: str) -> tuple[str, ...]:
+    """The places, relative to the root, where ``name``'s training images may be (first existing one wins)."""
+    if name == "market1501":
+        return tuple(f"{c}/bounding_box_train".lstrip("/") for c in MARKET1501_ROOTS)
+    if name == "dukemtmcreid":
+        return tuple(f"{c}/bounding_box_train".lstrip("/") for c in DUKE_ROOTS)
+    if name == "msmt17":
+        return tuple(
+            f"{parent}/{base}/{train}".replace("//", "/").strip("/")
+            for parent in ("", "msmt17")
+            for version, (train, _) in MSMT17_VERSIONS.items()
+            for base in (version, "")
+        )
+    raise KeyError(name)
+
+
 def load_market1501(root: Path) -> ReidSplit:
     """Market-1501: ``market1501/[Market-1501-v15.09.15/]{bounding_box_train,query,bounding_box_test}``."""
-    cands = ["", "Market-1501-v15.09.15", "market1501", "market1501/Market-1501-v15.09.15"]
-    return _market_split("market1501", root, cands, require_train=True)
+    return _market_split("market1501", root, MARKET1501_ROOTS, require_train=True)
 
 
 def load_dukemtmcreid(root: Path) -> ReidSplit:
     """DukeMTMC-reID: ``dukemtmc-reid/DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}``."""
-    cands = ["", "DukeMTMC-reID", "dukemtmc-reid", "dukemtmc-reid/DukeMTMC-reID"]
-    return _market_split("dukemtmcreid", root, cands, require_train=True)
+    return _market_split("dukemtmcreid", root, DUKE_ROOTS, require_train=True)
 
 
 def load_market_layout(root: Path) -> ReidSplit:
@@ -152,8 +173,10 @@ def load_market_layout(root: Path) -> ReidSplit:
 def load_tracklet_split(name: str, root: Path, folder: str, how: str) -> ReidSplit:
     """A retrieval split of pseudo-identities written by ``reid_ssl prepare`` (:mod:`reid_ssl.data.video.split`):
     ``<root>/market/`` (test) or ``<root>/market_val/`` (validation). ``how`` is the command that builds it."""
+    # the output folder, or the split folder itself (only under its own name, so a test split is never read as
+    # the validation split or the other way round)
     try:
-        split = _market_split(name, root, [folder, ""] if folder == "market" else [folder])
+        split = _market_split(name, root, [folder, ""] if Path(root).name == folder else [folder])
     except DatasetLayoutError as e:
         raise DatasetLayoutError(f"{e}; build it with: {how}") from None
     split.notes.append(f"{name}: {TRACKLET_NOTE}")
@@ -176,9 +199,8 @@ def _msmt_list(list_path: Path, image_dir: Path) -> list[Item]:
 def load_msmt17(root: Path) -> ReidSplit:
     """MSMT17 (V1 or V2): ``msmt17/MSMT17_V1/{train,test,list_train.txt,list_query.txt,list_gallery.txt}``
     (V2: ``mask_train_v2``, ``mask_test_v2``)."""
-    versions = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
     for parent in (root, root / "msmt17"):
-        for version, (train_name, test_name) in versions.items():
+        for version, (train_name, test_name) in MSMT17_VERSIONS.items():
             for base in (parent / version, parent):
                 if (base / "list_query.txt").is_file() and (base / test_name).is_dir():
                     test_dir = base / test_name

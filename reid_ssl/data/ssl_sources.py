@@ -126,7 +126,7 @@ def imagenet_source(root: Path) -> ImageList:
 
 
 def sysu30k_source(root: Path, list_file: Path | None = None) -> ImageList:
-    """SYSU-30k train set: ``sysu_train_set_all/<10-digit folder>/*.jpg`` (docs/datasets.md).
+    """SYSU-30k train set: ``sysu_train_set_all/<10-digit folder>/*.jpg`` (datasets/README.md).
 
     Uses ``meta/train.txt`` when present (paths relative to ``sysu_train_set_all/`` or to ``root``: the first
     entry decides, one ``stat`` in all), else scans the folders. Folders are the bags.

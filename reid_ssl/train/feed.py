@@ -146,16 +146,19 @@ class ShardFeed:
                 "loss.gather_negatives needs the same batch size on every process at every step; shard streams give "
                 "processes different numbers of batches. Turn it off, or train from files"
             )
+        from reid_ssl.data.datasets import resolve_root
+
         view_a, view_b = view_pair(cfg.data, cfg.augment)
+        root = resolve_root(cfg.data.source, cfg.data.root)
         self.stream = ShardStream(
-            cfg.data.root, view_a, view_b, cfg.data.positives == "bag", cfg.train.seed, d.rank, d.world_size
+            root, view_a, view_b, cfg.data.positives == "bag", cfg.train.seed, d.rank, d.world_size
         )
         manifest = self.stream.manifest
         stats = manifest.get("bag_stats") or {}
         self.images = self.stream.num_samples
         self.stats = BagStats(int(stats.get("bags", manifest.get("bags", 0))), int(stats.get("max_cooccurring", 0)))
         if cfg.data.positives == "bag" and not self.stats.bags:
-            raise InputError(f"data.positives='bag': the shards in {cfg.data.root} carry no bags")
+            raise InputError(f"data.positives='bag': the shards in {root} carry no bags")
         self.d, self.batch = d, cfg.train.batch_size
         self.tail = min(self.batch, max(self.batch // 2, 2))  # a smaller tail joins the last batch
         self.rng, self.seed = torch.Generator(), cfg.train.seed
@@ -171,7 +174,7 @@ class ShardFeed:
         shares = self.stream.samples_per_rank(0, {})
         if min(shares) < self.batch:
             raise InputError(
-                f"{cfg.data.root}: {len(manifest['shards'])} shards give a process only {min(shares)} images, fewer "
+                f"{root}: {len(manifest['shards'])} shards give a process only {min(shares)} images, fewer "
                 f"than one batch of {self.batch}; write more, smaller shards (--samples-per-shard) or use fewer processes"
             )
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from reid_ssl.data.datasets import DATASETS, load_split
 from reid_ssl.embedder import Embedder
+from reid_ssl.errors import DatasetLayoutError
 from reid_ssl.eval.distances import evaluate_features
 
 if TYPE_CHECKING:
     from reid_ssl.config import Config
 
 Monitor = Callable[[Embedder], dict[str, float]]
+
+log = logging.getLogger(__name__)
 
 
 def retrieval_monitor(dataset: str, root: str | None, batch_size: int = 128) -> Monitor:
@@ -49,12 +53,27 @@ def retrieval_monitor(dataset: str, root: str | None, batch_size: int = 128) -> 
 
 
 def monitor_for(cfg: Config) -> Monitor | None:
-    """The monitor ``train.eval_dataset`` asks for: ``auto`` = the training source's own retrieval split when it
-    has one (PETS09), else none; a dataset name = that split under ``train.eval_root`` (default ``data.root``);
-    ``""`` = none."""
+    """The monitor ``train.eval_dataset`` asks for, on ``train.eval_root`` (default ``data.root``).
+
+    ``auto``: the training source's validation split when it has one on disk (``pets09-val``, ``video-val``),
+    else its own retrieval split (its test split, said in the log), else none; a dataset name: that split;
+    ``""``: none.
+
+    Raises:
+        DatasetLayoutError: a named split is not there (read now, so training does not fail at its first epoch).
+    """
     name, root = cfg.train.eval_dataset, cfg.train.eval_root or cfg.data.root
-    if name == "auto":
-        if DATASETS[cfg.data.source].reid is None:
-            return None
-        name, root = cfg.data.source, cfg.train.eval_root or cfg.data.root
-    return retrieval_monitor(name, root) if name else None
+    if name != "auto":
+        return retrieval_monitor(name, root) if name else None
+    for candidate in (f"{cfg.data.source}-val", cfg.data.source):
+        if candidate not in DATASETS or DATASETS[candidate].reid is None:
+            continue
+        try:
+            monitor = retrieval_monitor(candidate, root)
+        except DatasetLayoutError as e:
+            log.info("train.eval_dataset=auto: no %s split (%s)", candidate, e)
+            continue
+        if not candidate.endswith("-val"):
+            log.info("train.eval_dataset=auto: monitoring %s, its test split (no validation split found)", candidate)
+        return monitor
+    return None

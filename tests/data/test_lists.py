@@ -31,6 +31,25 @@ def test_list_file_from_windows_with_bom_and_latin1(tmp_path: Path) -> None:
     assert [p.bag for p in items] == [0, 0, 1]
 
 
+def test_list_file_with_old_mac_line_ends(tmp_path: Path) -> None:
+    """A CR alone ends a line too (it used to read the whole file as its first entry)."""
+    rng = np.random.default_rng(0)
+    for name in ("a/1.jpg", "a/2.jpg", "b/3.jpg"):
+        write_person_image(tmp_path / name, 1, rng)
+    (tmp_path / "train.txt").write_bytes(b"a/1.jpg\ra/2.jpg\rb/3.jpg\r")
+    items = build_source(DataConfig(source="list", root=str(tmp_path), list_file=str(tmp_path / "train.txt")))
+    assert [p.path.name for p in items] == ["1.jpg", "2.jpg", "3.jpg"] and [p.bag for p in items] == [0, 0, 1]
+    assert [line for _, line in read_list_file(tmp_path / "train.txt")] == ["a/1.jpg", "a/2.jpg", "b/3.jpg"]
+
+
+def test_training_and_evaluation_accept_the_same_dataset_roots(tmp_path: Path) -> None:
+    """data/market1501/Market-1501-v15.09.15/ (torchreid's layout) is found from data/ by train and eval alike."""
+    root = write_market_tree(tmp_path / "market1501" / "Market-1501-v15.09.15")
+    assert len(load_split("market1501", tmp_path).query) == 5
+    items = build_source(DataConfig(source="market1501", root=str(tmp_path)))
+    assert len(items) == len(list((root / "bounding_box_train").iterdir())) and set(items.bags.tolist()) == {-1}
+
+
 def test_bad_list_line_names_the_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_bytes(b"a.jpg\nnotes.txt\n")
     with pytest.raises(DatasetLayoutError, match=r"train.txt:2: 'notes.txt' is not an image file name"):

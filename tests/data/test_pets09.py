@@ -261,7 +261,7 @@ def test_real_video_matches_packaged_tracks(real_video: Path) -> None:
 
 def test_real_split_counts_and_histogram_baseline(real_video: Path, tmp_path: Path) -> None:
     manifest = build_pets09(real_video, tmp_path / "pets09")
-    # The numbers documented in docs/datasets.md.
+    # The numbers documented in datasets/README.md.
     assert manifest["counts"]["tracks"] == 88 and manifest["counts"]["boxes"] == 3517
     assert manifest["split"] == {
         "train_tracklets": 53, "test_tracklets": 23, "val_tracklets": 12,

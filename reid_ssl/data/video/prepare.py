@@ -12,8 +12,10 @@ pseudo-identities (:mod:`reid_ssl.data.video.split`), cut the crops and publish:
     OUT/manifest.json                                    counts, options, inputs; written last
 
 ``data.source=video data.root=OUT`` trains on the bags (``data.positives=bag`` works), ``--dataset video
---root OUT`` evaluates on the test split. Detections live in ``OUT/.work/`` until the output is published, so a
-killed run redoes at most one block of frames; nothing is published before everything is written.
+--root OUT`` evaluates on the test split. Detections are logged in ``OUT/.work/`` as they are made, so a killed run
+redoes at most one block of frames, and they are kept after publishing: running again with other tracking or
+split options reuses them instead of detecting again (delete ``.work/`` to reclaim the space). Nothing is
+published before everything is written.
 """
 
 from __future__ import annotations
