@@ -80,6 +80,28 @@ def _reference_source(root: Path) -> list[Any]:
     return [SSLItem(p, bag_of.setdefault(p.parent, len(bag_of))) for p in paths]
 
 
+class _ReferenceTwoView:
+    """The pre-change dataset over such a list: the items list and a dict of bag -> list of positions."""
+
+    def __init__(self, items: list[Any], view: Any) -> None:
+        from collections import defaultdict
+
+        self.items, self.view = items, view
+        self.bags: dict[int, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            if item.bag >= 0:
+                self.bags[item.bag].append(i)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, str]:
+        from reid_ssl.images import open_rgb
+
+        img = open_rgb(self.items[i].path)
+        return self.view(img), self.view(img), ""
+
+
 def _memory(pid: int | str = "self") -> dict[str, float]:
     """Resident, proportional and private memory of a process, MB (Linux ``smaps_rollup``)."""
     fields = {}
@@ -96,7 +118,7 @@ def measure(variant: str, root: Path, workers: int, batches: int) -> dict[str, A
     from torch.utils.data import DataLoader
 
     from reid_ssl.config import load_config
-    from reid_ssl.data.augment import two_view_dataset
+    from reid_ssl.data.augment import two_view_dataset, view_pair
     from reid_ssl.data.ssl_sources import sysu30k_source
 
     torch.set_num_threads(1)
@@ -106,7 +128,10 @@ def measure(variant: str, root: Path, workers: int, batches: int) -> dict[str, A
     items = sysu30k_source(root) if variant == "after" else _reference_source(root)
     t_source = time.perf_counter() - t0
     after_source = _memory()
-    dataset = two_view_dataset(cfg.data, cfg.augment, items=items)
+    if variant == "after":
+        dataset = two_view_dataset(cfg.data, cfg.augment, items=items)
+    else:
+        dataset = _ReferenceTwoView(items, view_pair(cfg.data, cfg.augment)[0])
     t_dataset = time.perf_counter() - t0 - t_source
     loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True)
     it = iter(loader)

@@ -7,7 +7,6 @@ second view comes from another image of the same bag (tracklet), the one place l
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +16,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from reid_ssl.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from reid_ssl.data.ssl_sources import SSLItem
+from reid_ssl.data.image_list import ImageList
 from reid_ssl.errors import ImageError, InputError
 from reid_ssl.images import open_rgb
 
@@ -76,46 +75,51 @@ class TwoViewDataset(Dataset):
     """Yields ``(view_a, view_b, bad)``; ``bad`` holds one line per file that was replaced ('' when none).
 
     An unreadable image is replaced by another random item, so batches keep their size, and reported to
-    the training loop, which counts it (``data.bad_images="skip"``) or stops (``"fail"``).
+    the training loop, which counts it (``data.bad_images="skip"``) or stops (``"fail"``). Bags are kept as
+    arrays (:meth:`ImageList.bag_members`), so a 30M-image source adds no Python object per image, and forked
+    loader workers share them without copying.
     """
 
     def __init__(
         self,
-        items: list[SSLItem],
+        items: ImageList,
         view_a: T.Compose,
         view_b: T.Compose,
         bag_positives: bool,
         array: np.ndarray | None = None,
     ) -> None:
         self.items, self.view_a, self.view_b, self.array = items, view_a, view_b, array
-        self.bags: dict[int, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            if item.bag >= 0:
-                self.bags[item.bag].append(i)
-        if bag_positives and not self.bags:
-            raise InputError("data.positives='bag' needs a source with bags (folder, list, sysu30k, pets09)")
+        ids, self.offsets, self.order = items.bag_members()
+        self.bag_of = np.full(len(items), -1, np.int64)  # each image's row in the CSR arrays, -1 without a bag
+        self.bag_of[self.order] = np.repeat(np.arange(len(ids)), np.diff(self.offsets))
+        if bag_positives and not len(ids):
+            raise InputError("data.positives='bag' needs a source with bags (folder, list, sysu30k, pets09, video)")
         self.bag_positives = bag_positives
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _open(self, item: SSLItem) -> Image.Image:
-        if item.path is None:
+    def _open(self, i: int) -> Image.Image:
+        if self.items.in_memory:
             assert self.array is not None, "in-memory items need the dataset's array"
-            return Image.fromarray(self.array[item.index]).convert("RGB")
-        return open_rgb(item.path)
+            return Image.fromarray(self.array[i]).convert("RGB")
+        path = self.items.path(i)
+        assert path is not None
+        return open_rgb(path)
 
     def _partner(self, i: int) -> int:
-        bag = self.bags.get(self.items[i].bag) if self.bag_positives else None
-        return random.choice(bag) if bag else i
+        b = self.bag_of[i] if self.bag_positives else -1
+        if b < 0:
+            return i
+        return int(self.order[random.randrange(self.offsets[b], self.offsets[b + 1])])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         reasons = []
         for _ in range(10):
             j = self._partner(i)
             try:
-                first = self._open(self.items[i])
-                second = first if j == i else self._open(self.items[j])
+                first = self._open(i)
+                second = first if j == i else self._open(j)
                 return self.view_a(first), self.view_b(second), "\n".join(reasons)
             except ImageError as e:
                 reasons.append(str(e))
@@ -130,7 +134,7 @@ def view_pair(data: DataConfig, aug: AugmentConfig) -> tuple[T.Compose, T.Compos
     return view_a, view_b
 
 
-def two_view_dataset(data: DataConfig, aug: AugmentConfig, items: list[SSLItem] | None = None) -> TwoViewDataset:
+def two_view_dataset(data: DataConfig, aug: AugmentConfig, items: ImageList | None = None) -> TwoViewDataset:
     """Items of the configured source wrapped with the view-A / view-B pipelines."""
     from reid_ssl.data.datasets import build_source, source_array
 

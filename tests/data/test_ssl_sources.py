@@ -118,7 +118,8 @@ def test_bag_positives_draw_the_second_view_from_the_same_bag(image_folder, monk
     ds = two_view_dataset(cfg, AugmentConfig())
     picked = [ds._partner(0) for _ in range(50)]
     assert {ds.items[j].bag for j in picked} == {ds.items[0].bag} and len(set(picked)) > 1
-    no_bags = [type(i)(i.path) for i in ds.items]
+    no_bags = ds.items.subset(np.arange(len(ds.items)))
+    no_bags.bags = np.full(len(no_bags), -1, np.int32)
     with pytest.raises(ValueError, match="needs a source with bags"):
         two_view_dataset(cfg, AugmentConfig(), items=no_bags)
 
