@@ -70,6 +70,12 @@ def _register_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     b.add_argument("--factory", help="explicit faiss.index_factory string (overrides --type's), e.g. IVF256,SQ8")
     b.add_argument("--nprobe", type=positive_int, help="IVF lists visited per query")
     b.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="serve the IVF inverted lists memory-mapped from the index folder instead of RAM (galleries bigger "
+        "than RAM; an add or remove copies the lists into RAM while it runs)",
+    )
+    b.add_argument(
         "--chunk-size", type=int_in(1, 1_000_000), default=512, help="images per resumable chunk (default 512)"
     )
     b.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=64)
@@ -180,6 +186,7 @@ def _build(args: argparse.Namespace) -> int:
             index_type=args.type,
             factory=args.factory,
             nprobe=args.nprobe,
+            on_disk=args.on_disk,
             chunk_size=args.chunk_size,
             batch_size=args.batch_size,
             num_workers=args.workers,
@@ -219,6 +226,7 @@ def _print_build(result: dict[str, Any], world: int) -> None:
         ("unreadable", result["n_failed"]),
         ("skipped (symlinks out)", result["n_skipped"]),
         ("type", f"{result['index_type']} ({result['factory']})"),
+        ("inverted lists", "on disk (memory-mapped)" if result["lists_on_disk"] else "-"),
         ("chunks", chunks),
         ("ranks", world),
         ("no-match threshold", describe_calibration(cal) if isinstance(cal, dict) else (cal or "not calibrated")),
@@ -395,6 +403,7 @@ def _info(args: argparse.Namespace) -> int:
             ("dim", info["dim"]),
             ("type", f"{info['index_type']} ({info['factory']})"),
             ("nprobe / efSearch", f"{info['nprobe']} / {info['ef_search']}"),
+            ("inverted lists", _lists_row(info)),
             ("checkpoint", display_path(info["checkpoint"] or "-")),
             ("embedder", info["embedder_fingerprint"][:16]),
             ("preprocess", f"{preprocess.get('height')}x{preprocess.get('width')}, flip {info['flip']}"),
@@ -405,6 +414,15 @@ def _info(args: argparse.Namespace) -> int:
         title="gallery index",
     )
     return 0
+
+
+def _lists_row(info: dict[str, Any]) -> str:
+    """Where the inverted lists live: on disk (mapped), in RAM, or none (flat, HNSW)."""
+    if info["lists_on_disk"]:
+        return "on disk (memory-mapped)"
+    if info["on_disk"]:
+        return "on disk when the index has lists (none now)" if "IVF" not in str(info["factory"]) else "in RAM"
+    return "in RAM" if "IVF" in str(info["factory"]) else "-"
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -60,6 +60,7 @@ class IndexType:
     min_train = 0  # fewer vectors than this: keep an exact Flat index until an add reaches it
     can_remove = True  # False: a removal rebuilds the index from the stored vectors
     on_gpu = True  # faiss-gpu can take it
+    lists = False  # inverted lists, which an on-disk index serves memory-mapped (reid_ssl.index.ondisk)
     setting: str | None = None  # the search parameter that trades speed for recall
 
     def spec(self, n: int, dim: int) -> IndexSpec:
@@ -112,6 +113,7 @@ class IVFType(IndexType):
     """Inverted lists: ``IVF{nlist}``; visits ``nprobe`` lists per query."""
 
     setting = "nprobe"
+    lists = True
 
     def nlist(self, n: int) -> int:
         return ivf_nlist(n)
@@ -318,6 +320,21 @@ def check_factory(factory: str, dim: int) -> None:
         type_for_factory(factory).new_index(factory, dim)
     except RuntimeError as e:
         raise InputError(f"FAISS cannot build the factory string {factory!r} ({_faiss_reason(e)})") from None
+
+
+def check_on_disk(index_type: str, factory: str | None) -> None:
+    """Refuse ``on_disk`` for a type or factory that never has inverted lists (``auto`` builds them when large).
+
+    Raises:
+        InputError: e.g. ``--type hnsw --on-disk``.
+    """
+    kind = type_for_factory(factory) if factory else None if index_type == AUTO else INDEX_TYPES[index_type]
+    if kind is not None and not kind.lists:
+        what = f"the factory {factory!r}" if factory else f"a {kind.name} index"
+        choices = ", ".join(name for name, k in INDEX_TYPES.items() if k.lists)
+        raise InputError(
+            f"--on-disk serves inverted lists from disk, and {what} has none; use an IVF type ({choices}) or auto"
+        )
 
 
 def build_faiss(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
