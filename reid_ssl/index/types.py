@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,9 @@ AUTO = "auto"
 AUTO_FLAT_MAX = 20_000  # exact search up to here: 1.2 ms/query at 20k x 512-D on one core (README table)
 HNSW_EF_CONSTRUCTION = 100  # 40 (FAISS's default) gave recall@10 0.88 on clustered data, 100 gave 0.99
 HNSW_EF_SEARCH = 128
+# k-means points per IVF list: FAISS recommends 30..256; 256 (the old value) trained IVF4096 on all of a 1M
+# gallery, 4x the k-means time of 64 for recall@10 within 0.01 at 200k (benchmarks/bench_index_scale.py)
+TRAIN_POINTS_PER_LIST = 64
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,8 @@ class IVFFlatType(IVFType):
 
     def spec(self, n: int, dim: int) -> IndexSpec:
         nlist = self.nlist(n)
-        return IndexSpec(self.name, f"IVF{nlist},Flat", nprobe=default_nprobe(nlist), train_size=min(n, 256 * nlist))
+        train_size = min(n, TRAIN_POINTS_PER_LIST * nlist)
+        return IndexSpec(self.name, f"IVF{nlist},Flat", nprobe=default_nprobe(nlist), train_size=train_size)
 
     def claims(self, factory: str) -> bool:
         return "IVF" in factory and "PQ" not in factory
@@ -186,7 +191,7 @@ class IVFPQType(IVFType):
             f"IVF{nlist},PQ{pq_m(dim)}x{nbits}np",
             nprobe=default_nprobe(nlist),
             rerank=self.rerank,
-            train_size=min(n, max(256 * nlist, 39 * 2**nbits)),
+            train_size=min(n, max(TRAIN_POINTS_PER_LIST * nlist, 39 * 2**nbits)),
         )
 
     def claims(self, factory: str) -> bool:
@@ -337,14 +342,20 @@ def check_on_disk(index_type: str, factory: str | None) -> None:
         )
 
 
-def build_faiss(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+def build_faiss(
+    spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray, timings: dict[str, float] | None = None
+) -> faiss.Index:
     """A new FAISS index for ``spec``, trained on a sample of ``vectors`` (n, D), with ``ids`` (n,) added.
+
+    Args:
+        timings: filled with ``train_s`` and ``add_s`` (seconds) when given (benchmarks).
 
     Raises:
         InputError: FAISS cannot train this factory on these vectors (e.g. more IVF lists than vectors).
     """
     n, dim = vectors.shape
     index = INDEX_TYPES[spec.type].new_index(spec.factory, dim)
+    t0 = time.perf_counter()
     if not index.is_trained:
         sample_n = min(n, max(spec.train_size, 1))
         rows = np.sort(np.random.default_rng(0).choice(n, sample_n, replace=False))
@@ -357,7 +368,10 @@ def build_faiss(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.
                 f"FAISS cannot train {spec.factory!r} on {sample_n} vectors ({_faiss_reason(e)}); "
                 "use a factory with fewer lists or centroids, or let the index type choose"
             ) from None
+    t1 = time.perf_counter()
     index.add_with_ids(np.ascontiguousarray(vectors), ids)
+    if timings is not None:
+        timings.update(train_s=t1 - t0, add_s=time.perf_counter() - t1)
     return index
 
 
