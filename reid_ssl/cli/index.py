@@ -29,7 +29,7 @@ from reid_ssl.console import show_progress
 from reid_ssl.data.datasets import REID_DATASETS
 from reid_ssl.errors import InputError, MissingFileError
 from reid_ssl.index.sidecar import display_path
-from reid_ssl.index.types import AUTO_FLAT_MAX, INDEX_TYPES, type_choices
+from reid_ssl.index.types import AUTO_FLAT_MAX, AUTO_IVF_FLAT_FLOATS, INDEX_TYPES, type_choices
 
 MAX_K = 1000
 MAX_BATCH = 4096
@@ -64,7 +64,8 @@ def _register_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--type",
         default="auto",
         choices=type_choices(),
-        help=f"FAISS index type: auto = flat up to {AUTO_FLAT_MAX:,} images, ivf-flat above; "
+        help=f"FAISS index type: auto = flat up to {AUTO_FLAT_MAX:,} images at 512-D ({2 * AUTO_FLAT_MAX:,} at 256-D), "
+        f"ivf-flat up to {AUTO_IVF_FLAT_FLOATS // 512:,} at 512-D, ivf-opq above; "
         + "; ".join(f"{name} = {INDEX_TYPES.help(name)}" for name in INDEX_TYPES),
     )
     b.add_argument("--factory", help="explicit faiss.index_factory string (overrides --type's), e.g. IVF256,SQ8")
