@@ -1,6 +1,6 @@
 """Galleries of millions: every index type at >= 1M vectors, the defaults by size, and lists served from disk.
 
-    python -m benchmarks.bench_index_scale                       # full run (~35 min on 2 shared cores)
+    python -m benchmarks.bench_index_scale                       # full run (~50 min on 2 shared cores)
     python -m benchmarks.bench_index_scale --sections small      # one section; the others stay in the JSON
     python -m benchmarks.bench_index_scale --smoke --out /tmp/s.json   # seconds (tests/benchmarks)
 
@@ -14,14 +14,16 @@ re-ranking and metadata lookups included in the latencies).
 Sections (each stamped with its own date and load average; ``--sections`` reruns some and keeps the rest):
 
 * ``small`` (``--small-n``, 200k): the IVF training-set size and list count study behind the defaults (FAISS
-  directly on the library's ``build_faiss``), exact Flat, and HNSW, whose build is too slow at 1M here: its
-  1M build time, memory and latency are extrapolated from this size and labelled so.
-* ``large`` (``--n``, 1M x 256-d): Flat, IVF-Flat, IVF-PQ and OPQ+IVF-PQ: build (train + add) seconds, RSS
+  directly on the library's ``build_faiss``), exact Flat, and HNSW measured first at this size (the
+  extrapolation table checks its 200k -> 1M extrapolation against the measured 1M build).
+* ``large`` (``--n``, 1M x 256-d): Flat, IVF-Flat, IVF-PQ and IVF-OPQ: build (train + add) seconds, RSS
   delta and peak, the FAISS index's own bytes, recall@10 and single-query p50/p99 (1 thread, ``--rounds``
   interleaved rounds so that load drift shows) for a sweep of nprobe (and re-rank depth), batch throughput.
+* ``hnsw``: the same for HNSW at ``--n`` (its build took 17 min at 1M here, hence a section of its own).
 * ``ondisk``: the 1M IVF-Flat index saved, then served by fresh processes with its lists in RAM or
   memory-mapped (``--on-disk``; cold page cache after ``POSIX_FADV_DONTNEED``, FAISS prefetch on and off, and
-  warm): RSS (anonymous and file pages), load time, latency, recall.
+  warm), ``--rounds`` times in turn, at reid_ssl's default nprobe: RSS (anonymous and file pages), load time,
+  latency, recall.
 * ``extrapolation`` (always): 10M and 100M on paper from the measured per-vector costs and the FAISS
   guidelines (bytes per vector, nlist ~ 4..16 sqrt(N), 30..256 training points per list): NOT measured.
 
@@ -58,7 +60,7 @@ from reid_ssl.index.types import IndexSpec, build_faiss, default_nprobe, ivf_nli
 REPO = Path(__file__).resolve().parents[1]
 K = 10
 GB = 1024**3
-SECTIONS = ("small", "large", "ondisk")
+SECTIONS = ("small", "large", "ondisk", "hnsw")
 HNSW_LINKS = 32  # the library's HNSW32
 
 
@@ -125,7 +127,12 @@ def faiss_timings() -> Iterator[dict[str, float]]:
     """Record the train / add split of the FAISS build that a :class:`GalleryIndex` add runs."""
     timings: dict[str, float] = {}
     original = gallery_module.build_faiss
-    gallery_module.build_faiss = lambda spec, v, ids: build_faiss(spec, v, ids, timings)
+
+    def timed(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+        timings["train_size"] = min(len(vectors), spec.train_size) if spec.train_size else 0
+        return build_faiss(spec, vectors, ids, timings)
+
+    gallery_module.build_faiss = timed
     try:
         yield timings
     finally:
@@ -185,11 +192,12 @@ def build(data: Data, index_type: str, factory: str | None = None, on_disk: bool
     spec = idx.spec
     return idx, {
         "type": index_type if not factory else f"{index_type} ({factory})",
+        "registry_type": spec.type,
         "factory": spec.factory,
         "n": n,
         "dim": dim,
         "default": {"nprobe": spec.nprobe, "ef_search": spec.ef_search, "rerank": spec.rerank},
-        "train_size": min(n, spec.train_size) if spec.train_size else 0,
+        "train_size": int(split.get("train_size", 0)),
         "build_s": round(build_s, 1),
         "train_s": round(split.get("train_s", 0.0), 1),
         "add_s": round(split.get("add_s", 0.0), 1),
@@ -294,6 +302,19 @@ def show(entry: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def current_default(entry: dict) -> dict:
+    """The sweep row of the search setting reid_ssl uses by default now (the registry may have changed since
+    the run; the sweeps cover the current defaults)."""
+    spec = index_spec("auto", entry["n"], entry["dim"], factory=entry["factory"])  # the type claiming it
+    want = {"nprobe": spec.nprobe, "ef_search": spec.ef_search, "rerank": spec.rerank}
+    measured = entry["default"]
+    for row in entry["settings"]:
+        got = {**measured, **row["setting"]}
+        if all(got.get(k) == v for k, v in want.items() if v is not None):
+            return row
+    return entry["settings"][0]
+
+
 def nprobe_sweep(nlist: int, default: int | None) -> list[dict]:
     """The default first, then powers of two from 8 to nlist / 8."""
     values = [v for v in (8, 16, 32, 64, 128, 256, 512) if v <= max(nlist // 8, 8)]
@@ -374,38 +395,48 @@ def train_study(data: Data, args: argparse.Namespace) -> list[dict]:
 def section_large(args: argparse.Namespace, work: Path | None, progress: Callable[[dict], None]) -> dict:
     """1M: Flat, IVF-Flat, IVF-PQ and OPQ through GalleryIndex; the IVF-Flat is saved for ``ondisk``."""
     n, dim = args.n, args.dim
-    log(f"large: {n} x {dim} gallery, {2 * args.queries} queries")
-    data = make_data(n, dim, args.queries, args.per_identity, seed=0)
-    nlist = ivf_nlist(n)
-    m = pq_m(dim)
-    candidates = [
-        ("flat", None),
-        ("ivf-flat", None),
-        ("ivf-pq", None),
-        ("ivf-pq", f"OPQ{m},IVF{nlist},PQ{m}x8np"),
-        ("hnsw", None),  # the slowest build last (the small section measures it at 200k first)
-    ]
+    data = large_data(args)
     body: dict[str, Any] = {"n": n, "dim": dim, "data": data.seconds, "types": [], "saved": None}
-    for name, factory in candidates:
-        idx, entry = build(data, name, factory, on_disk=name == "ivf-flat")
+    for name in ("flat", "ivf-flat", "ivf-pq", "ivf-opq"):
+        idx, entry = build(data, name, on_disk=name == "ivf-flat")
         log(f"  built {entry['type']} in {entry['build_s']} s (train {entry['train_s']} s, add {entry['add_s']} s)")
         spec = idx.spec
+        sweep = [{}]
         if spec.nprobe:
             sweep = nprobe_sweep(faiss.extract_index_ivf(idx._index).nlist, spec.nprobe)
-            if spec.rerank > 1:
-                sweep += [{"nprobe": p, "rerank": 4 * spec.rerank} for p in (32, 128)]
-        elif spec.ef_search:
-            sweep = [{"ef_search": v} for v in [spec.ef_search, 16, 32, 64, 256]]
-        else:
-            sweep = [{}]
+            if spec.rerank > 1:  # the PQ types: re-ranking depth against nprobe
+                depths = sorted({8, 32} - {spec.rerank})
+                sweep += [{"nprobe": p, "rerank": r} for r in depths for p in (32, 128, 256)]
         entry["settings"] = measure(idx, data, sweep, args)
         body["types"].append(entry)
         show(entry)
-        if name == "ivf-flat" and factory is None and work is not None:
+        if name == "ivf-flat" and work is not None:
             body["saved"] = save_for_serving(idx, data, work)
         del idx
         progress(body)
     return body
+
+
+def section_hnsw(args: argparse.Namespace) -> dict:
+    """HNSW at the large size: the slowest build (17 min at 1M here), so a section of its own."""
+    data = large_data(args)
+    idx, entry = build(data, "hnsw")
+    log(f"  built hnsw in {entry['build_s']} s")
+    entry["settings"] = measure(idx, data, [{"ef_search": v} for v in (idx.spec.ef_search, 16, 32, 64, 256)], args)
+    show(entry)
+    return {"n": args.n, "dim": args.dim, "types": [entry]}
+
+
+_DATA: dict[tuple, Data] = {}
+
+
+def large_data(args: argparse.Namespace) -> Data:
+    """The large gallery, made once per run (the large and hnsw sections share it)."""
+    key = (args.n, args.dim, args.queries, args.per_identity)
+    if key not in _DATA:
+        log(f"large: {args.n} x {args.dim} gallery, {2 * args.queries} queries")
+        _DATA[key] = make_data(args.n, args.dim, args.queries, args.per_identity, seed=0)
+    return _DATA[key]
 
 
 def save_for_serving(idx: GalleryIndex, data: Data, work: Path) -> dict:
@@ -430,13 +461,13 @@ def section_ondisk(args: argparse.Namespace, work: Path) -> dict:
         ("on disk, warm cache", "disk", "warm", 0),
     ]
     out = []
-    for label, folder, cache, prefetch in runs:
+    for repeat, (label, folder, cache, prefetch) in [(r, run) for r in range(args.rounds) for run in runs]:
         cmd = [sys.executable, "-m", "benchmarks.bench_index_scale", "--serve", str(work / folder)]
         cmd += ["--serve-cache", cache, "--reps", str(args.reps * args.rounds)]
         if prefetch is not None:
             cmd += ["--serve-prefetch", str(prefetch)]
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=1800)
-        row = {"label": label, **json.loads(res.stdout.strip().splitlines()[-1])}
+        row = {"label": label, "repeat": repeat, **json.loads(res.stdout.strip().splitlines()[-1])}
         out.append(row)
         log(
             f"  {label}: RSS after load {row['after_load']['rss_gb']} GB (anon {row['after_load']['anon_gb']}), "
@@ -469,14 +500,15 @@ def serve(args: argparse.Namespace) -> int:
     idx = GalleryIndex.load(folder)
     load_s = time.perf_counter() - t
     after_load = mem()
+    nprobe = default_nprobe(faiss.extract_index_ivf(idx._index).nlist)  # reid_ssl's default now
     if args.serve_cache == "warm":
         for qi in queries:
-            idx.search(qi, K)
+            idx.search(qi, K, nprobe=nprobe)
     lat, got = [], []
     for j in range(args.reps):
         qi = queries[j % len(queries)]
         t = time.perf_counter()
-        hits = idx.search(qi, K)[0]
+        hits = idx.search(qi, K, nprobe=nprobe)[0]
         lat.append(time.perf_counter() - t)
         if j < len(queries):
             got.append([h.id for h in hits] + [-1] * (K - len(hits)))
@@ -484,7 +516,7 @@ def serve(args: argparse.Namespace) -> int:
         "lists_on_disk": idx.lists_on_disk,
         "prefetch_threads": ondisk.PREFETCH_THREADS if idx.lists_on_disk else None,
         "cache": args.serve_cache,
-        "nprobe": idx.spec.nprobe,
+        "nprobe": nprobe,
         "load_s": round(load_s, 2),
         "at_start": start,
         "after_load": after_load,
@@ -514,11 +546,12 @@ def defaults_by_size(dim: int) -> list[dict]:
 
 def extrapolate(result: dict, dim: int) -> dict:
     """10M and 100M per type on paper: FAISS guideline formulas scaled by this run's measured costs."""
-    large = {e["type"]: e for e in (result.get("sections", {}).get("large") or {}).get("types", [])}
-    small = {e["type"]: e for e in (result.get("sections", {}).get("small") or {}).get("types", [])}
+    sections = result.get("sections", {})
+    large = {e["type"]: e for name in ("large", "hnsw") for e in (sections.get(name) or {}).get("types", [])}
+    small = {e["type"]: e for e in (sections.get("small") or {}).get("types", [])}
     if not large:
         return {"note": "needs the large section"}
-    n0 = large["flat"]["n"]
+    n0 = next(iter(large.values()))["n"]
     rows = []
     for n in (n0, 10_000_000, 100_000_000):
         nlist = ivf_nlist(n)
@@ -549,7 +582,7 @@ def extrapolate(result: dict, dim: int) -> dict:
 
 
 def extrapolate_type(name: str, e: dict, n: int, n0: int, nlist: int, m: int, dim: int) -> dict:
-    default = e["settings"][0]
+    default = current_default(e)
     p50_0 = default["latency_1_thread"]["p50_ms"]
     row: dict[str, Any] = {"type": e["type"], "n": n, "measured": n == n0}
     if name == "flat":
@@ -588,7 +621,7 @@ def extrapolate_type(name: str, e: dict, n: int, n0: int, nlist: int, m: int, di
 
 def extrapolate_hnsw(e: dict, n: int, dim: int) -> dict:
     n0 = e["n"]
-    default = e["settings"][0]
+    default = current_default(e)
     per_vector = 4 * dim + 2 * HNSW_LINKS * 4 + 8
     return {
         "type": "hnsw",
@@ -618,7 +651,7 @@ def plot(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.6), squeeze=False)
     for ax, which in zip(axes[0], ("absent", "present"), strict=True):
         for name, sec in (result.get("sections") or {}).items():
-            for e in (sec or {}).get("types", []) if name in ("small", "large") else []:
+            for e in (sec or {}).get("types", []) if name in ("small", "large", "hnsw") else []:
                 pts = sorted(
                     (s["latency_1_thread"]["p50_ms"], s["recall@10"][which], s["setting"])
                     for s in e["settings"]
@@ -626,10 +659,10 @@ def plot(result: dict, path: Path) -> Path:
                 )
                 label = f"{e['type']} @ {e['n'] // 1000}k"
                 line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)[0]
-                d = e["settings"][0]
+                d = current_default(e)
                 ax.plot([d["latency_1_thread"]["p50_ms"]], [d["recall@10"][which]], "*", ms=11, color=line.get_color())
         ax.set_xscale("log")
-        ax.set_xlabel("single-query p50 latency, ms (1 thread; star = default setting)")
+        ax.set_xlabel("single-query p50 latency, ms (1 thread; star = reid_ssl's default setting)")
         ax.set_ylabel(f"recall@10 vs exact ({which} identities)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
@@ -688,8 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for name in sections:
-            if name == "ondisk" and "large" not in sections:
-                raise SystemExit("the ondisk section serves the index that the large section builds: run both")
+            if name == "ondisk" and "large" not in sections and not (work / "disk" / "CURRENT").is_file():
+                raise SystemExit(
+                    "the ondisk section serves the index that the large section saves: run both, or "
+                    "give the --work-dir of a run that did"
+                )
             stamp = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_start": list(os.getloadavg())}
             t = time.perf_counter()
 
@@ -706,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress(section_small(args, progress))
             elif name == "large":
                 progress(section_large(args, work if "ondisk" in sections else None, progress))
+            elif name == "hnsw":
+                progress(section_hnsw(args))
             else:
                 progress(section_ondisk(args, work))
     result = finish(result, started)
