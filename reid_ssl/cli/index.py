@@ -29,7 +29,7 @@ from reid_ssl.console import show_progress
 from reid_ssl.data.datasets import REID_DATASETS
 from reid_ssl.errors import InputError, MissingFileError
 from reid_ssl.index.sidecar import display_path
-from reid_ssl.index.types import AUTO_FLAT_MAX, INDEX_TYPES, type_choices
+from reid_ssl.index.types import AUTO_FLAT_MAX, AUTO_IVF_FLAT_FLOATS, INDEX_TYPES, type_choices
 
 MAX_K = 1000
 MAX_BATCH = 4096
@@ -64,11 +64,18 @@ def _register_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--type",
         default="auto",
         choices=type_choices(),
-        help=f"FAISS index type: auto = flat up to {AUTO_FLAT_MAX:,} images, ivf-flat above; "
+        help=f"FAISS index type: auto = flat up to {AUTO_FLAT_MAX:,} images at 512-D ({2 * AUTO_FLAT_MAX:,} at 256-D), "
+        f"ivf-flat up to {AUTO_IVF_FLAT_FLOATS // 512:,} at 512-D, ivf-opq above; "
         + "; ".join(f"{name} = {INDEX_TYPES.help(name)}" for name in INDEX_TYPES),
     )
     b.add_argument("--factory", help="explicit faiss.index_factory string (overrides --type's), e.g. IVF256,SQ8")
     b.add_argument("--nprobe", type=positive_int, help="IVF lists visited per query")
+    b.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="serve the IVF inverted lists memory-mapped from the index folder instead of RAM (galleries bigger "
+        "than RAM; an add or remove copies the lists into RAM while it runs)",
+    )
     b.add_argument(
         "--chunk-size", type=int_in(1, 1_000_000), default=512, help="images per resumable chunk (default 512)"
     )
@@ -180,6 +187,7 @@ def _build(args: argparse.Namespace) -> int:
             index_type=args.type,
             factory=args.factory,
             nprobe=args.nprobe,
+            on_disk=args.on_disk,
             chunk_size=args.chunk_size,
             batch_size=args.batch_size,
             num_workers=args.workers,
@@ -219,6 +227,7 @@ def _print_build(result: dict[str, Any], world: int) -> None:
         ("unreadable", result["n_failed"]),
         ("skipped (symlinks out)", result["n_skipped"]),
         ("type", f"{result['index_type']} ({result['factory']})"),
+        ("inverted lists", "on disk (memory-mapped)" if result["lists_on_disk"] else "-"),
         ("chunks", chunks),
         ("ranks", world),
         ("no-match threshold", describe_calibration(cal) if isinstance(cal, dict) else (cal or "not calibrated")),
@@ -395,6 +404,7 @@ def _info(args: argparse.Namespace) -> int:
             ("dim", info["dim"]),
             ("type", f"{info['index_type']} ({info['factory']})"),
             ("nprobe / efSearch", f"{info['nprobe']} / {info['ef_search']}"),
+            ("inverted lists", _lists_row(info)),
             ("checkpoint", display_path(info["checkpoint"] or "-")),
             ("embedder", info["embedder_fingerprint"][:16]),
             ("preprocess", f"{preprocess.get('height')}x{preprocess.get('width')}, flip {info['flip']}"),
@@ -405,6 +415,15 @@ def _info(args: argparse.Namespace) -> int:
         title="gallery index",
     )
     return 0
+
+
+def _lists_row(info: dict[str, Any]) -> str:
+    """Where the inverted lists live: on disk (mapped), in RAM, or none (flat, HNSW)."""
+    if info["lists_on_disk"]:
+        return "on disk (memory-mapped)"
+    if info["on_disk"]:
+        return "on disk when the index has lists (none now)" if "IVF" not in str(info["factory"]) else "in RAM"
+    return "in RAM" if "IVF" in str(info["factory"]) else "-"
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ class BuildOptions:
         index_type: an :data:`~reid_ssl.index.types.INDEX_TYPES` name or ``auto``.
         factory: an explicit ``faiss.index_factory`` string (overrides the type's).
         nprobe: IVF lists visited per query (default: the type's).
+        on_disk: serve the IVF lists memory-mapped from disk (galleries bigger than RAM).
         chunk_size: images per resumable unit; a killed build redoes at most one chunk per rank.
         batch_size, num_workers: the embedder's data loading.
         overwrite: replace an existing index at the output folder.
@@ -57,6 +58,7 @@ class BuildOptions:
     index_type: str = "auto"
     factory: str | None = None
     nprobe: int | None = None
+    on_disk: bool = False
     chunk_size: int = 512
     batch_size: int = 64
     num_workers: int = 0
@@ -218,6 +220,7 @@ def _summary(
         **extra,
         "index_type": idx.manifest["index"]["type"],
         "factory": idx.manifest["index"]["factory"],
+        "lists_on_disk": idx.lists_on_disk,
         "threshold": idx.threshold,
     }
 
@@ -268,7 +271,8 @@ def build_index(
             f"{out} already holds an index: add to it with `reid_ssl index add`, or rebuild with --overwrite"
         )
     info = embedder_info(embedder, checkpoint)
-    idx = GalleryIndex.create(info, opt.index_type, factory=opt.factory, nprobe=opt.nprobe)  # checks type, factory
+    # checks type, factory and on_disk before any work
+    idx = GalleryIndex.create(info, opt.index_type, factory=opt.factory, nprobe=opt.nprobe, on_disk=opt.on_disk)
     build = out / store.BUILD_DIR
     digest = _plan_digest(info["fingerprint"], source, opt)
     lock = store.WriterLock(out).acquire() if rank == 0 else None

@@ -6,7 +6,8 @@
 
 A writer saves only on top of the generation it loaded (else :class:`StaleIndexError`), so two writers cannot
 lose each other's updates; :meth:`GalleryIndex.open_for_update` holds the lock across load, modify and save.
-faiss-gpu is used for unfiltered searches when it is installed and a GPU is visible.
+faiss-gpu is used for unfiltered searches when it is installed and a GPU is visible. An index created with
+``on_disk=True`` serves its IVF lists memory-mapped from the generation's files (:mod:`reid_ssl.index.ondisk`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from reid_ssl.errors import IndexFormatError, StaleIndexError
 from reid_ssl.index import manifest as manifest_
-from reid_ssl.index import store
+from reid_ssl.index import ondisk, store
 from reid_ssl.index.calibration import calibrate_gallery
 from reid_ssl.index.search import SearchMixin, gpu_available, unit_features
 from reid_ssl.index.sidecar import GalleryItem, Sidecar
@@ -33,6 +34,7 @@ from reid_ssl.index.types import (
     IndexType,
     build_faiss,
     check_factory,
+    check_on_disk,
     choose_spec,
     resolve_type,
     should_rebuild,
@@ -58,9 +60,11 @@ class GalleryIndex(SearchMixin):
         vectors: np.ndarray,
         sidecar: Sidecar,
         path: Path | None,
+        mapped: ondisk.MappedFile | None = None,
     ) -> None:
         self.manifest = manifest
         self._index = index
+        self._mapped = mapped  # the file whose inverted lists self._index maps, unchanged (None: lists in RAM)
         self._ids = ids
         self._vectors = vectors
         self._sidecar = sidecar
@@ -83,17 +87,25 @@ class GalleryIndex(SearchMixin):
         nprobe: int | None = None,
         ef_search: int | None = None,
         use_gpu: bool = True,
+        on_disk: bool = False,
     ) -> GalleryIndex:
         """An empty index for features of one embedder (an :class:`Embedder` or :func:`embedder_info`).
 
+        Args:
+            on_disk: serve the IVF inverted lists memory-mapped from the saved generation instead of reading
+                them into RAM (galleries bigger than RAM; see :mod:`reid_ssl.index.ondisk`). Applies whenever
+                the built index has lists (an exact index of a gallery too small to train has none).
+
         Raises:
             UnknownNameError: ``index_type`` is neither ``auto`` nor in :data:`INDEX_TYPES`.
-            InputError: FAISS cannot build ``factory``.
+            InputError: FAISS cannot build ``factory``; ``on_disk`` for a type or factory without inverted lists.
         """
         info = embedder if isinstance(embedder, dict) else manifest_.embedder_info(embedder)
         resolve_type(index_type, 0)
         if factory:
             check_factory(factory, int(info["feature_dim"]))
+        if on_disk:
+            check_on_disk(index_type, factory)
         manifest = manifest_.new_manifest(
             info,
             {
@@ -102,6 +114,7 @@ class GalleryIndex(SearchMixin):
                 "nprobe_override": nprobe,
                 "ef_search_override": ef_search,
                 "use_gpu": use_gpu,
+                "on_disk": on_disk,
             },
         )
         dim = manifest["dim"]
@@ -134,8 +147,8 @@ class GalleryIndex(SearchMixin):
         kind = manifest["index"].get("type") if isinstance(manifest["index"], dict) else "?"
         if kind is not None and kind not in INDEX_TYPES:
             raise IndexFormatError(f"{folder} has index type {kind!r}, which this reid_ssl does not know")
-        index, ids, vectors = store.read_arrays(gen, manifest, mmap)
-        return cls(manifest, index, ids, vectors, Sidecar.open_readonly(gen / "items.sqlite"), folder)
+        index, mapped, ids, vectors = store.read_arrays(gen, manifest, mmap)
+        return cls(manifest, index, ids, vectors, Sidecar.open_readonly(gen / "items.sqlite"), folder, mapped)
 
     @classmethod
     @contextlib.contextmanager
@@ -208,6 +221,11 @@ class GalleryIndex(SearchMixin):
         return manifest_.built_spec(self.manifest)
 
     @property
+    def lists_on_disk(self) -> bool:
+        """Whether the inverted lists are served memory-mapped from the generation's ``index.faiss`` now."""
+        return self._mapped is not None
+
+    @property
     def index_type(self) -> IndexType | None:
         """The :data:`INDEX_TYPES` entry of the FAISS index built now."""
         m = self.manifest["index"]
@@ -244,6 +262,7 @@ class GalleryIndex(SearchMixin):
     def _rebuild(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """(Re)build the FAISS index from scratch for these vectors: choose the spec, train on a sample, add."""
         self._gpu_index, self._gpu_tried = None, False
+        self._release_mapped()
         if len(ids) == 0:
             self._index = None
             return
@@ -289,6 +308,7 @@ class GalleryIndex(SearchMixin):
         if self._index is None or should_rebuild(self.manifest["index"], len(all_ids), self.dim):
             self._rebuild(all_vecs, all_ids)
         else:
+            self._lists_in_ram()
             self._index.add_with_ids(feats, new_ids)
             self._gpu_index, self._gpu_tried = None, False
         self._sidecar.insert(new_ids, rows, time.time() if added is None else added)
@@ -313,6 +333,7 @@ class GalleryIndex(SearchMixin):
         if self._index is None or not INDEX_TYPES[self.manifest["index"]["type"]].can_remove:
             self._rebuild(self._vectors, self._ids)
         else:
+            self._lists_in_ram()
             removed = self._index.remove_ids(faiss.IDSelectorBatch(present))
             if removed != len(present):
                 raise RuntimeError(f"FAISS removed {removed} of {len(present)} ids (index out of sync)")
@@ -321,6 +342,17 @@ class GalleryIndex(SearchMixin):
         self.manifest["ntotal"] = self.ntotal
         self.dirty = True
         return len(present)
+
+    def _lists_in_ram(self) -> None:
+        """Before a change in place: copy mapped inverted lists into RAM (mapped lists are read-only)."""
+        if self._mapped is not None:
+            ondisk.lists_in_ram(self._index)
+            self._release_mapped()
+
+    def _release_mapped(self) -> None:
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
 
     def set_calibration(self, calibration: dict[str, Any] | None) -> None:
         """Store a calibration (``None`` removes it); saved with the next :meth:`save`."""
@@ -393,11 +425,22 @@ class GalleryIndex(SearchMixin):
             if own_lock is not None:
                 own_lock.release()
         self.path, self._base_generation, self.dirty = folder, int(self.manifest["generation"]), False
+        if self.manifest["index"].get("on_disk") and self._mapped is None and ondisk.has_lists(self._index):
+            self._map_saved(folder / f"gen-{self._base_generation:08d}")
         return folder
+
+    def _map_saved(self, gen: Path) -> None:
+        """Serve from the generation just written: its lists and vectors mapped, the copies in RAM dropped."""
+        index, mapped = ondisk.read_mapped(gen / "index.faiss")
+        vectors = np.load(gen / "vectors.npy", allow_pickle=False, mmap_mode="r")
+        self._index, self._mapped, self._vectors = index, mapped, vectors
+        self._gpu_index, self._gpu_tried = None, False
 
     def _write_files(self, tmp: Path) -> dict[str, Any]:
         """Write the FAISS index, ids, vectors and item table into ``tmp``; return the manifest to store."""
-        if self._index is not None and self.ntotal:
+        if self._mapped is not None:  # lists unchanged since the load: link the mapped file, no rewrite
+            ondisk.copy_mapped(self._mapped, tmp / "index.faiss")
+        elif self._index is not None and self.ntotal:
             store.write_faiss(tmp / "index.faiss", self._index)
         else:
             store.write_file(tmp / "index.faiss", b"")
@@ -416,6 +459,7 @@ class GalleryIndex(SearchMixin):
             "ntotal": self.ntotal,
             **manifest_.describe(self.manifest),
             "gpu": self._gpu_index is not None,
+            "lists_on_disk": self.lists_on_disk,
             "gpu_available": gpu_available(),
             "threshold": self.threshold,
             "bytes_on_disk": store.generation_bytes(self.path) if self.path is not None else 0,

@@ -35,7 +35,8 @@ def new_manifest(info: dict[str, Any], requested: dict[str, Any]) -> dict[str, A
     Args:
         info: :func:`embedder_info`.
         requested: the ``index`` block's choices: ``requested`` type, ``factory_override``, ``nprobe_override``,
-            ``ef_search_override``, ``use_gpu``; what was built (type, factory...) is filled in by each build.
+            ``ef_search_override``, ``use_gpu``, ``on_disk``; what was built (type, factory...) is filled in by
+            each build.
     """
     built = {"type": None, "factory": None, "nprobe": None, "ef_search": None, "rerank": 1, "trained_on": 0}
     return {
@@ -90,6 +91,7 @@ def describe(manifest: dict[str, Any]) -> dict[str, Any]:
         "nprobe": ix["nprobe"],
         "ef_search": ix["ef_search"],
         "rerank": ix["rerank"],
+        "on_disk": bool(ix.get("on_disk", False)),
         "trained_on": ix["trained_on"],
         "embedder_fingerprint": emb["fingerprint"],
         "checkpoint": emb.get("checkpoint"),

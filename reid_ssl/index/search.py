@@ -192,6 +192,7 @@ class SearchMixin:
     dim: int
     spec: IndexSpec | None
     index_type: IndexType | None
+    lists_on_disk: bool
 
     items: Callable[[Sequence[int] | np.ndarray], dict[int, dict[str, Any]]]
     ids_where: Callable[..., np.ndarray]
@@ -202,6 +203,8 @@ class SearchMixin:
         kind = self.index_type
         if self._gpu_tried or not self.manifest["index"].get("use_gpu", True) or not kind or not kind.on_gpu:
             return self._gpu_index
+        if self.lists_on_disk:  # a GPU copy would need every list in GPU memory
+            return None
         if not gpu_available():
             return None
         self._gpu_tried = True

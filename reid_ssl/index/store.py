@@ -38,6 +38,7 @@ import numpy as np
 
 from reid_ssl.errors import IndexFormatError, IndexLockedError, MissingFileError
 from reid_ssl.fileio import atomic_write_bytes, fsync_path
+from reid_ssl.index import ondisk
 
 FORMAT = "reid_ssl.index"
 # 2: camera ids are 0-based (file name c1 = camid 0); non-UTF-8 paths are stored as their bytes.
@@ -316,24 +317,43 @@ def generation_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in (folder / name).iterdir() if p.is_file()) if name else 0
 
 
-def read_arrays(gen: Path, manifest: dict[str, Any], mmap: bool) -> tuple[faiss.Index | None, np.ndarray, np.ndarray]:
-    """The FAISS index, ids ``(n,)`` int64 and vectors ``(n, D)`` float32 of generation folder ``gen``.
+def read_arrays(
+    gen: Path, manifest: dict[str, Any], mmap: bool
+) -> tuple[faiss.Index | None, ondisk.MappedFile | None, np.ndarray, np.ndarray]:
+    """The FAISS index, its mapped file, ids ``(n,)`` int64 and vectors ``(n, D)`` float32 of generation ``gen``.
 
     Args:
-        mmap: map ``vectors.npy`` read-only instead of reading it into memory.
+        mmap: map ``vectors.npy`` read-only instead of reading it into memory, and the inverted lists of an
+            index built ``on_disk`` (see :mod:`reid_ssl.index.ondisk`; the mapped file is returned, else None).
 
     Raises:
         FileNotFoundError: a file is missing (the generation was collected meanwhile, or it is incomplete).
         IndexFormatError: a file that cannot be read (a pickle, damage) or whose shape does not fit the manifest.
     """
+    index, mapped = None, None
     try:
-        index = read_faiss(gen / "index.faiss") if manifest["ntotal"] else None
+        if manifest["ntotal"] and mmap and manifest["index"].get("on_disk"):
+            index, mapped = ondisk.read_mapped(gen / "index.faiss")
+        elif manifest["ntotal"]:
+            index = read_faiss(gen / "index.faiss")
         ids = np.load(gen / "ids.npy", allow_pickle=False)
         vectors = np.load(gen / "vectors.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
-    except FileNotFoundError:
-        raise
-    except (RuntimeError, ValueError, OSError) as e:
+        _check_arrays(gen, manifest, index, ids, vectors)
+    except BaseException as e:
+        if mapped is not None:
+            mapped.close()
+        if isinstance(e, (FileNotFoundError, IndexFormatError)) or not isinstance(
+            e, (RuntimeError, ValueError, OSError)
+        ):
+            raise
         raise IndexFormatError(f"{gen}: cannot read the index files ({str(e).splitlines()[0][:200]})") from None
+    return index, mapped, ids, vectors
+
+
+def _check_arrays(
+    gen: Path, manifest: dict[str, Any], index: faiss.Index | None, ids: np.ndarray, vectors: np.ndarray
+) -> None:
+    """Raise unless the arrays fit the manifest and the item table exists."""
     n, dim = int(manifest["ntotal"]), int(manifest["dim"])
     if ids.shape != (n,) or ids.dtype != np.int64 or vectors.shape != (n, dim) or vectors.dtype != np.float32:
         raise IndexFormatError(
@@ -344,4 +364,3 @@ def read_arrays(gen: Path, manifest: dict[str, Any], mmap: bool) -> tuple[faiss.
         raise IndexFormatError(f"{gen}/index.faiss holds {index.ntotal} x {index.d}, expected {n} x {dim}")
     if not (gen / "items.sqlite").is_file():
         raise FileNotFoundError(gen / "items.sqlite")
-    return index, ids, vectors

@@ -4,8 +4,27 @@ An :class:`IndexType` says which ``faiss.index_factory`` string and parameters t
 dimension ``d``, how many vectors it needs before it can be trained, which search parameters it takes (IVF
 ``nprobe``, HNSW ``efSearch``) and how a search that came back short can be fixed, how many candidates to
 re-rank exactly from the stored vectors, and whether it can delete vectors (HNSW cannot: a removal rebuilds).
-Adding a type is one ``INDEX_TYPES.register`` call; ``index build --type`` offers every entry plus ``auto``
-(exact ``flat`` up to :data:`AUTO_FLAT_MAX` vectors, ``ivf-flat`` above).
+Adding a type is one ``INDEX_TYPES.register`` call; ``index build --type`` offers every entry plus ``auto``.
+
+Defaults by size (``python -m benchmarks.bench_index_scale``, results/bench_index_scale.json: synthetic re-ID
+features, 1M x 256-D, one thread of a shared 2-core AMD EPYC at load average 3-6; recall@10 against exact
+search for queries of present / absent identities, single-query p50):
+
+* ``auto`` = ``flat`` while one query scans at most :data:`AUTO_FLAT_FLOATS` floats (n x D; 20,000 x 512-D,
+  40,000 x 256-D): exact search costs 0.12-0.3 ns per float on this CPU (1.2-3 ms there; 37 ms at 1M x 256-D,
+  where IVF-Flat answers in 2.1 ms at recall 0.997 / 0.990).
+* ``ivf-flat`` above, while its lists (4D + 8 bytes per vector: 1,032 B at 256-D, measured) stay within
+  :data:`AUTO_IVF_FLAT_FLOATS` (4 GiB: 4.2M vectors at 256-D, 2.1M at 512-D). It is the most accurate per
+  millisecond and the quickest to build (93 s at 1M: train 62 s, add 25 s).
+* ``ivf-opq`` beyond: OPQ-rotated PQ codes of D/8 bytes (45 B/vector in the index at 256-D, ids included),
+  exact re-ranking of 8 x k candidates from the memory-mapped vectors: recall 0.996 / 0.978 at 1.4 ms at 1M,
+  where plain ``ivf-pq`` needs 4x the re-ranking reads for the same recall (rerank 8: 0.967 / 0.896, flat
+  beyond nprobe 128; rerank 32: 0.996 / 0.984). The rotation costs training time (229 s vs 106 s at 1M).
+* ``hnsw`` is never chosen: no deletes (a removal rebuilds), slowest build, 1.3 KB/vector.
+
+IVF parameters by size: ``nlist`` = the power of two nearest 4 sqrt(n) (FAISS: 4..16 sqrt(n); 4096 at 1M),
+trained on :data:`TRAIN_POINTS_PER_LIST` points per list; ``nprobe`` = :func:`default_nprobe` (128 of 4096 at
+1M: recall 0.997 / 0.990 at 2.1 ms where 256 gave 1.000 / 0.999 at 3.8 ms and 64 gave 0.986 / 0.958).
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,9 +46,14 @@ if TYPE_CHECKING:  # FAISS is imported where it is used: the command line lists 
     import faiss
 
 AUTO = "auto"
-AUTO_FLAT_MAX = 20_000  # exact search up to here: 1.2 ms/query at 20k x 512-D on one core (README table)
+AUTO_FLAT_MAX = 20_000  # vectors of 512-D that ``auto`` keeps exact (see AUTO_FLAT_FLOATS)
+AUTO_FLAT_FLOATS = AUTO_FLAT_MAX * 512  # exact while n x D <= this: 1.2-3 ms per query on one core
+AUTO_IVF_FLAT_FLOATS = 2**30  # ivf-flat while its lists (4 bytes per float) fit in 4 GiB, ivf-opq above
 HNSW_EF_CONSTRUCTION = 100  # 40 (FAISS's default) gave recall@10 0.88 on clustered data, 100 gave 0.99
 HNSW_EF_SEARCH = 128
+# k-means points per IVF list: FAISS recommends 30..256; 256 (the old value) trained IVF4096 on all of a 1M
+# gallery, 4x the k-means time of 64 for recall@10 within 0.01 at 200k (benchmarks/bench_index_scale.py)
+TRAIN_POINTS_PER_LIST = 64
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,7 @@ class IndexType:
     min_train = 0  # fewer vectors than this: keep an exact Flat index until an add reaches it
     can_remove = True  # False: a removal rebuilds the index from the stored vectors
     on_gpu = True  # faiss-gpu can take it
+    lists = False  # inverted lists, which an on-disk index serves memory-mapped (reid_ssl.index.ondisk)
     setting: str | None = None  # the search parameter that trades speed for recall
 
     def spec(self, n: int, dim: int) -> IndexSpec:
@@ -112,6 +138,7 @@ class IVFType(IndexType):
     """Inverted lists: ``IVF{nlist}``; visits ``nprobe`` lists per query."""
 
     setting = "nprobe"
+    lists = True
 
     def nlist(self, n: int) -> int:
         return ivf_nlist(n)
@@ -165,7 +192,8 @@ class IVFFlatType(IVFType):
 
     def spec(self, n: int, dim: int) -> IndexSpec:
         nlist = self.nlist(n)
-        return IndexSpec(self.name, f"IVF{nlist},Flat", nprobe=default_nprobe(nlist), train_size=min(n, 256 * nlist))
+        train_size = min(n, TRAIN_POINTS_PER_LIST * nlist)
+        return IndexSpec(self.name, f"IVF{nlist},Flat", nprobe=default_nprobe(nlist), train_size=train_size)
 
     def claims(self, factory: str) -> bool:
         return "IVF" in factory and "PQ" not in factory
@@ -174,21 +202,35 @@ class IVFFlatType(IVFType):
 class IVFPQType(IVFType):
     name = "ivf-pq"
     min_train = 1000
-    rerank = 8
+    rerank = 32  # 8 plateaued at recall@10 0.967 / 0.896 at 1M x 256-D (PQ32); 32 reached 0.996 / 0.984
+    prefix = ""
 
     def spec(self, n: int, dim: int) -> IndexSpec:
         nlist = self.nlist(n)
         nbits = int(min(8, max(1, math.floor(math.log2(max(n, 2) / 39)))))  # >= 39 points per PQ centroid
+        m = pq_m(dim)
         return IndexSpec(
             self.name,
-            f"IVF{nlist},PQ{pq_m(dim)}x{nbits}np",
+            f"{self.prefix.format(m=m)}IVF{nlist},PQ{m}x{nbits}np",
             nprobe=default_nprobe(nlist),
             rerank=self.rerank,
-            train_size=min(n, max(256 * nlist, 39 * 2**nbits)),
+            train_size=min(n, max(TRAIN_POINTS_PER_LIST * nlist, 39 * 2**nbits)),
         )
 
     def claims(self, factory: str) -> bool:
-        return "IVF" in factory and "PQ" in factory
+        return "IVF" in factory and "PQ" in factory and not factory.startswith("OPQ")
+
+
+class IVFOPQType(IVFPQType):
+    """IVF-PQ behind an OPQ rotation (``OPQ{m},IVF{nlist},PQ{m}``): codes that keep more of each vector, so a
+    shallower exact re-ranking reaches the same recall (fewer reads of the stored vectors per query)."""
+
+    name = "ivf-opq"
+    rerank = 8  # recall@10 0.996 / 0.978 at nprobe 128, 1M x 256-D (32: 0.997 / 0.990)
+    prefix = "OPQ{m},"
+
+    def claims(self, factory: str) -> bool:
+        return factory.startswith("OPQ") and "IVF" in factory
 
 
 class HNSWType(IndexType):
@@ -234,6 +276,11 @@ INDEX_TYPES.register("ivf-flat", IVFFlatType(), help="inverted lists of full vec
 INDEX_TYPES.register(
     "ivf-pq", IVFPQType(), help="inverted lists of product-quantized codes (64 B/vector at 512-D), exact re-ranking"
 )
+INDEX_TYPES.register(
+    "ivf-opq",
+    IVFOPQType(),
+    help="ivf-pq behind an OPQ rotation: better codes, 4x shallower re-ranking, slower training (auto above ~2M)",
+)
 INDEX_TYPES.register("hnsw", HNSWType(), help="HNSW graph (32 links); cannot delete, so removals rebuild it")
 
 
@@ -251,8 +298,15 @@ def ivf_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists visited per query: 1/16 of them, at least 32 (all of them for small indexes)."""
-    return min(nlist, max(32, nlist // 16))
+    """Lists visited per query: 1/16 of them (at least 32; all of a small index) up to 64, then 64 up to 2048
+    lists, then 1/32 of them (128 of 4096 at 1M vectors, 512 of 16384 at 10M).
+
+    Measured (recall@10 present / absent identities): 100k, 1024 lists, 64: 1.000 / 0.993 (bench_index);
+    200k, 2048 lists, 64: 0.998 / 0.964; 1M, 4096 lists, 128: 0.997 / 0.990 (bench_index_scale). Recall at a
+    fixed nprobe held from 200k to 1M while the lists doubled; the 1/32 fraction beyond is the conservative
+    extrapolation of that.
+    """
+    return min(nlist, max(32, min(nlist // 16, max(64, nlist // 32))))
 
 
 def pq_m(dim: int) -> int:
@@ -260,14 +314,20 @@ def pq_m(dim: int) -> int:
     return next(m for m in range(max(dim // 8, 1), 0, -1) if dim % m == 0)
 
 
-def resolve_type(index_type: str, n: int) -> IndexType:
-    """The registered type for a name, ``auto`` resolved by gallery size ``n``.
+def resolve_type(index_type: str, n: int, dim: int = 512) -> IndexType:
+    """The registered type for a name, ``auto`` resolved by gallery size ``n`` and dimension ``dim``.
+
+    ``auto``: ``flat`` while n x dim <= :data:`AUTO_FLAT_FLOATS`, ``ivf-flat`` while n x dim <=
+    :data:`AUTO_IVF_FLAT_FLOATS`, ``ivf-opq`` above (the evidence is in the module notes).
 
     Raises:
         UnknownNameError: neither ``auto`` nor registered (lists the choices).
     """
     if index_type == AUTO:
-        index_type = "flat" if n <= AUTO_FLAT_MAX else "ivf-flat"
+        floats = n * dim
+        index_type = (
+            "flat" if floats <= AUTO_FLAT_FLOATS else "ivf-flat" if floats <= AUTO_IVF_FLAT_FLOATS else "ivf-opq"
+        )
     return INDEX_TYPES[index_type]
 
 
@@ -300,10 +360,10 @@ def index_spec(
         UnknownNameError: an unknown type (lists the choices).
     """
     if factory:
-        resolve_type(index_type, n)  # an unknown name is an error even when a factory is given
+        resolve_type(index_type, n, dim)  # an unknown name is an error even when a factory is given
         spec = type_for_factory(factory).spec_for_factory(factory, n, dim)
     else:
-        spec = resolve_type(index_type, n).spec(n, dim)
+        spec = resolve_type(index_type, n, dim).spec(n, dim)
     changes = {k: v for k, v in {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}.items() if v}
     return dataclasses.replace(spec, **changes) if changes else spec
 
@@ -320,14 +380,35 @@ def check_factory(factory: str, dim: int) -> None:
         raise InputError(f"FAISS cannot build the factory string {factory!r} ({_faiss_reason(e)})") from None
 
 
-def build_faiss(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+def check_on_disk(index_type: str, factory: str | None) -> None:
+    """Refuse ``on_disk`` for a type or factory that never has inverted lists (``auto`` builds them when large).
+
+    Raises:
+        InputError: e.g. ``--type hnsw --on-disk``.
+    """
+    kind = type_for_factory(factory) if factory else None if index_type == AUTO else INDEX_TYPES[index_type]
+    if kind is not None and not kind.lists:
+        what = f"the factory {factory!r}" if factory else f"a {kind.name} index"
+        choices = ", ".join(name for name, k in INDEX_TYPES.items() if k.lists)
+        raise InputError(
+            f"--on-disk serves inverted lists from disk, and {what} has none; use an IVF type ({choices}) or auto"
+        )
+
+
+def build_faiss(
+    spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray, timings: dict[str, float] | None = None
+) -> faiss.Index:
     """A new FAISS index for ``spec``, trained on a sample of ``vectors`` (n, D), with ``ids`` (n,) added.
+
+    Args:
+        timings: filled with ``train_s`` and ``add_s`` (seconds) when given (benchmarks).
 
     Raises:
         InputError: FAISS cannot train this factory on these vectors (e.g. more IVF lists than vectors).
     """
     n, dim = vectors.shape
     index = INDEX_TYPES[spec.type].new_index(spec.factory, dim)
+    t0 = time.perf_counter()
     if not index.is_trained:
         sample_n = min(n, max(spec.train_size, 1))
         rows = np.sort(np.random.default_rng(0).choice(n, sample_n, replace=False))
@@ -340,7 +421,10 @@ def build_faiss(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray) -> faiss.
                 f"FAISS cannot train {spec.factory!r} on {sample_n} vectors ({_faiss_reason(e)}); "
                 "use a factory with fewer lists or centroids, or let the index type choose"
             ) from None
+    t1 = time.perf_counter()
     index.add_with_ids(np.ascontiguousarray(vectors), ids)
+    if timings is not None:
+        timings.update(train_s=t1 - t0, add_s=time.perf_counter() - t1)
     return index
 
 
@@ -380,8 +464,8 @@ def should_rebuild(m: dict[str, Any], n_after: int, dim: int) -> bool:
         return True
     if m["factory_override"]:
         return False
-    if m["requested"] == AUTO and resolve_type(AUTO, n_after).name != m["type"]:
-        return True  # crossed AUTO_FLAT_MAX: flat -> ivf-flat
+    if m["requested"] == AUTO and resolve_type(AUTO, n_after, dim).name != m["type"]:
+        return True  # crossed a size threshold of auto: flat -> ivf-flat -> ivf-opq
     if m["requested"] not in (AUTO, m["type"]) and n_after >= INDEX_TYPES[m["requested"]].min_train:
         return True  # was kept exact while too small to train the requested type
     return INDEX_TYPES[m["type"]].retrain_due(int(m["trained_on"]), n_after)

@@ -13,7 +13,7 @@ from reid_ssl.registry import Registry
 from tests.helpers import clustered, gallery_items, hit_ids, index_info
 
 # recall@10 each type must reach with its own default parameters on clustered data (flat: exact)
-MIN_RECALL = {"flat": 1.0, "ivf-flat": 0.95, "ivf-pq": 0.90, "hnsw": 0.95}
+MIN_RECALL = {"flat": 1.0, "ivf-flat": 0.95, "ivf-pq": 0.90, "ivf-opq": 0.90, "hnsw": 0.95}
 
 
 def recall_at_10(idx: GalleryIndex, q: np.ndarray, **kw) -> float:
@@ -102,7 +102,7 @@ def test_approximate_index_recall_on_clustered_data(name, n, min_recall):
 
 
 def test_auto_type_grows_from_flat_to_ivf(monkeypatch):
-    monkeypatch.setattr(types_mod, "AUTO_FLAT_MAX", 2000)
+    monkeypatch.setattr(types_mod, "AUTO_FLAT_FLOATS", 2000 * 32)
     x, _, _ = clustered(5000, 32)
     idx = GalleryIndex.create(index_info(32))
     idx.add(x[:1500], gallery_items(1500))
@@ -119,3 +119,36 @@ def test_a_trained_type_on_a_tiny_gallery_stays_exact_until_it_can_train():
     assert idx.spec.type == "flat" and idx.search(x[3], 1)[0][0].id == 3
     idx.add(x[20:], gallery_items(2980, start=20))
     assert idx.spec.type == "ivf-flat" and idx.ntotal == 3000
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "kind"),
+    [
+        (20_000, 512, "flat"),
+        (20_001, 512, "ivf-flat"),
+        (40_000, 256, "flat"),
+        (5_000, 2048, "flat"),
+        (6_000, 2048, "ivf-flat"),
+        (1_000_000, 256, "ivf-flat"),
+        (4_194_304, 256, "ivf-flat"),
+        (4_194_305, 256, "ivf-opq"),
+        (2_200_000, 512, "ivf-opq"),
+        (100_000_000, 256, "ivf-opq"),
+    ],
+)
+def test_auto_picks_by_the_floats_one_query_scans(n, dim, kind):
+    assert types_mod.resolve_type("auto", n, dim).name == kind
+    assert index_spec("auto", n, dim).type == kind
+
+
+def test_ivf_parameters_by_size_follow_the_measured_rule():
+    spec = index_spec("ivf-flat", 1_000_000, 256)
+    assert (spec.factory, spec.nprobe, spec.train_size) == ("IVF4096,Flat", 128, 64 * 4096)
+    assert [types_mod.default_nprobe(n) for n in (16, 64, 512, 1024, 2048, 4096, 16384, 65536)] == [
+        16, 32, 32, 64, 64, 128, 512, 2048,
+    ]  # fmt: skip
+    opq = index_spec("ivf-opq", 10_000_000, 256)
+    assert opq.factory == "OPQ32,IVF16384,PQ32x8np" and opq.rerank == 8 and opq.nprobe == 512
+    assert index_spec("ivf-pq", 1_000_000, 256).rerank == 32
+    assert index_spec("auto", 50_000, 64, factory="OPQ16,IVF256,PQ16").type == "ivf-opq"
+    assert index_spec("auto", 50_000, 64, factory="IVF256,PQ16").type == "ivf-pq"
