@@ -1,7 +1,8 @@
 """The benchmark scripts' ``--smoke`` modes end to end, and the pure helpers they share.
 
-Each script runs in its own subprocess (single-threaded in smoke mode); all four start together, so the module
-takes about as long as the slowest one plus the CPU they share (~1 min on 2 cores). Each test then checks
+Each script runs as ``python -m benchmarks.bench_<name>`` from the repository root, in its own subprocess
+(single-threaded in smoke mode); the four training benchmarks start together, so the module takes about as long
+as the slowest one plus the CPU they share (~1 min on 2 quiet cores). Each test then checks
 the JSON its script wrote: the expected keys, finite numbers, and the PNG next to it.
 """
 
@@ -18,14 +19,14 @@ from typing import Any
 
 import pytest
 
+from benchmarks import machine, presets, stats
+from reid_ssl.config import to_dict
+from reid_ssl.fileio import write_json
 
-
-from benchmarks import common
-
-REPO = common.REPO
-HAVE_PETS09 = common.dataset_available("pets09") is None
-HAVE_FASHION = common.dataset_available("fashion-mnist") is None
-HAVE_LIGHTLY = common.package_version("lightly") is not None
+REPO = machine.REPO
+HAVE_PETS09 = presets.dataset_available("pets09") is None
+HAVE_FASHION = presets.dataset_available("fashion-mnist") is None
+HAVE_LIGHTLY = machine.package_version("lightly") is not None
 # Keys whose value may be null: no GPU / package, or a curve that never reaches BYOL's final accuracy.
 NULLABLE = {"gpu", "lightly", "mean_curve", "per_seed"}
 SMOKE_TIMEOUT_S = 300
@@ -48,13 +49,13 @@ def _scripts() -> dict[str, list[str]]:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
     """Start every script's smoke mode at once; yields name -> (process, JSON path)."""
     if not HAVE_FASHION:
-        pytest.skip(common.dataset_available("fashion-mnist"))
+        pytest.skip(presets.dataset_available("fashion-mnist"))
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     procs = {}
     for name, extra in _scripts().items():
         out = tmp / f"{name}.json"
-        cmd = [sys.executable, str(REPO / "benchmarks" / f"bench_{name}.py"), "--smoke", "--out", str(out), *extra]
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--smoke", "--out", str(out), *extra]
         log = (tmp / f"{name}.log").open("w")
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out)
     yield procs
@@ -74,7 +75,7 @@ def result_of(smoke: dict[str, tuple[subprocess.Popen, Path]], name: str) -> dic
     result = json.loads(out.read_text())
     assert result["benchmark"] == name and result["smoke"] is True
     assert {"cpu", "cores_available", "torch", "load_average_1_5_15"} <= set(result["machine"])
-    assert result["date"] and result["command"].startswith("python benchmarks/bench_")
+    assert result["date"] and result["command"].startswith(f"python -m benchmarks.bench_{name} --smoke")
     assert_finite(result)
     return result
 
@@ -184,6 +185,26 @@ def test_throughput_smoke(smoke):
     assert Path(r["plot"]).is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["evaluator", "index"])
+def test_search_benchmarks_smoke(tmp_path, name):
+    """The evaluator and FAISS benchmarks run as modules from the repository root and write the shared header."""
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and result["smoke"] is True and result["date"]
+    assert result["command"] == f"python -m benchmarks.bench_{name} --smoke --out {out}"
+    assert {"cpu", "cores_available", "torch", "load_average_1_5_15", "load_average_end"} <= set(result["machine"])
+
+
+def test_no_benchmark_edits_sys_path():
+    """The benchmarks are a package run with ``python -m``: no script may patch the import path."""
+    offenders = [p.name for p in (REPO / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
+    assert offenders == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -196,7 +217,7 @@ def test_pets09_default_smoke(tmp_path):
 
     ckpt = write_checkpoint(tmp_path / "c.pt", height=64, width=32, seed=7)
     out = tmp_path / "pets09.json"
-    cmd = [sys.executable, str(REPO / "benchmarks/bench_pets09_default.py"), "--smoke", "--checkpoint", str(ckpt)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_pets09_default", "--smoke", "--checkpoint", str(ckpt)]
     done = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
@@ -210,38 +231,38 @@ def test_pets09_default_smoke(tmp_path):
 
 
 def test_mean_spread_uses_the_sample_std_and_ignores_missing_values():
-    s = common.mean_spread([0.5, 0.7, None, float("nan")])
+    s = stats.mean_spread([0.5, 0.7, None, float("nan")])
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(math.sqrt(0.02)) and s["n"] == 2
-    assert common.mean_spread([0.3])["std"] == 0.0
-    assert common.mean_spread([])["mean"] is None
+    assert stats.mean_spread([0.3])["std"] == 0.0
+    assert stats.mean_spread([])["mean"] is None
 
 
 def test_first_epoch_reaching():
-    assert common.first_epoch_reaching([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.6], 0.45) == 1
-    assert common.first_epoch_reaching([0, 1, 2], [0.1, None, 0.2], 0.3) is None
+    assert stats.first_epoch_reaching([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.6], 0.45) == 1
+    assert stats.first_epoch_reaching([0, 1, 2], [0.1, None, 0.2], 0.3) is None
     # the untrained network (epoch 0) reaching the threshold does not count as reaching it by training
-    assert common.first_epoch_reaching([0, 1, 2, 3], [0.8, 0.6, 0.7, 0.75], 0.7) == 2
+    assert stats.first_epoch_reaching([0, 1, 2, 3], [0.8, 0.6, 0.7, 0.75], 0.7) == 2
 
 
 def test_curve_summary_per_epoch():
-    c = common.curve_summary([0, 1], [[0.1, 0.3], [0.3, 0.5]])
+    c = stats.curve_summary([0, 1], [[0.1, 0.3], [0.3, 0.5]])
     assert c["mean"] == pytest.approx([0.2, 0.4]) and c["min"] == [0.1, 0.3] and c["max"] == [0.3, 0.5]
 
 
 def test_jsonable_writes_strict_json(tmp_path):
     import numpy as np
 
-    path = common.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": (1, np.int64(2))})
+    path = write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": (1, np.int64(2))})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": None, "c": [1, 2]}
 
 
 def test_parse_size():
-    assert common.parse_size("32") == (32, 32) and common.parse_size("128x64") == (128, 64)
+    assert presets.parse_size("32") == (32, 32) and presets.parse_size("128x64") == (128, 64)
 
 
 def test_methods_share_everything_but_the_loss():
-    p = common.preset("fashion-mnist")
-    configs = {m: common.to_dict(common.build_config(p, m, 3)) for m in common.METHODS}
+    p = presets.preset("fashion-mnist")
+    configs = {m: to_dict(presets.build_config(p, m, 3)) for m in presets.METHODS}
     for m, cfg in configs.items():
         assert cfg["data"] == configs["byol"]["data"] and cfg["optim"] == configs["byol"]["optim"]
         assert cfg["model"]["backbone"] == "resnet18" and cfg["train"]["seed"] == 3, m
@@ -251,5 +272,5 @@ def test_methods_share_everything_but_the_loss():
 
 
 def test_steady_rate_skips_the_warmup_steps():
-    assert common.steady_rate([5.0, 6.0, 7.0, 8.0], batch=10, warmup=1) == pytest.approx(10.0)
-    assert common.steady_rate([1.0], batch=10, warmup=1) is None
+    assert stats.steady_rate([5.0, 6.0, 7.0, 8.0], batch=10, warmup=1) == pytest.approx(10.0)
+    assert stats.steady_rate([1.0], batch=10, warmup=1) is None
