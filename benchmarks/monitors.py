@@ -81,6 +81,37 @@ class KnnMonitor:
         return {"linear_top1": r["top1"], "linear_top5": r["top5"]}
 
 
+class ProbeMonitor(KnnMonitor):
+    """Linear probe (the primary metric) and weighted kNN from one pass of features over bank and test set.
+
+    Used by ``bench_learning_efficiency`` with the whole Fashion-MNIST test set (``test_per_class=1000``) and a
+    1,000-per-class bank from the train split.
+    """
+
+    def __call__(self, embedder: Any) -> dict[str, float]:
+        from reid_ssl.eval.classify import knn_classify, linear_probe
+
+        f = self.features(embedder)
+        args = (f["train"], self.labels["train"], f["test"], self.labels["test"], 10)
+        knn, lin = knn_classify(*args, k=20, temperature=0.07), linear_probe(*args, epochs=100)
+        return {"linear_top1": lin["top1"], "knn_top1": knn["top1"], "knn_top5": knn["top5"]}
+
+
+class RawPixels(torch.nn.Module):
+    """A stand-in backbone whose feature is its (preprocessed) input, flattened: the raw-pixel floor.
+
+    ``grey``: keep one channel (Fashion-MNIST's three channels are copies of one).
+    """
+
+    def __init__(self, height: int, width: int, grey: bool) -> None:
+        super().__init__()
+        self.grey = grey
+        self.feature_dim = (1 if grey else 3) * height * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] if self.grey else x).flatten(1)
+
+
 @functools.lru_cache(maxsize=4)
 def build_monitor(spec: MonitorSpec) -> Monitor:
     """The per-epoch monitor of a dataset (reads its data now, so a missing dataset fails before training).
@@ -95,6 +126,12 @@ def build_monitor(spec: MonitorSpec) -> Monitor:
         inner = retrieval_monitor("pets09", spec.root)
         return lambda embedder: {k: v for k, v in inner(embedder).items() if k != "unreadable"}
     raise KeyError(f"no monitor for dataset {spec.dataset!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def build_probe_monitor(spec: MonitorSpec) -> Monitor:
+    """Fashion-MNIST: :class:`ProbeMonitor` (linear probe and kNN); PETS09: the retrieval monitor. Once per process."""
+    return ProbeMonitor(spec) if spec.dataset == "fashion-mnist" else build_monitor(spec)
 
 
 class TimedMonitor:

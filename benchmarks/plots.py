@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,26 @@ class Curve:
 
 
 @dataclass
+class Floor:
+    """A horizontal reference level with an optional ± spread band (e.g. raw pixels, the untrained network)."""
+
+    label: str
+    value: float
+    spread: float = 0.0
+    style: str = "--"
+
+
+@dataclass
 class Panel:
-    """One axis: its curves, y label and an optional horizontal reference line."""
+    """One axis: its curves, y label, x label and optional horizontal reference lines."""
 
     ylabel: str
     curves: list[Curve]
     hline: float | None = None
     hline_label: str = ""
     title: str = ""
+    xlabel: str = "epoch"
+    floors: list[Floor] = field(default_factory=list)
 
 
 def plot_panels(path: str | Path, panels: Sequence[Panel], suptitle: str = "") -> Path:
@@ -56,7 +68,12 @@ def plot_panels(path: str | Path, panels: Sequence[Panel], suptitle: str = "") -
                 ax.plot([x[j]], [m[j]], marker="*", ms=14, color=color, mec="black", mew=0.6, ls="none")
         if panel.hline is not None:
             ax.axhline(panel.hline, color="gray", ls="--", lw=1, label=panel.hline_label or None)
-        ax.set_xlabel("epoch")
+        for j, f in enumerate(panel.floors):
+            shade = ("black", "dimgray", "darkgray")[j % 3]
+            ax.axhline(f.value, color=shade, ls=f.style, lw=1.2, label=f.label)
+            if f.spread:
+                ax.axhspan(f.value - f.spread, f.value + f.spread, color=shade, alpha=0.12, lw=0)
+        ax.set_xlabel(panel.xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(panel.ylabel)
         if panel.title:

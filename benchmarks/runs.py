@@ -201,22 +201,87 @@ def ddp_worker(spec_file: Path) -> None:
         write_json(Path(cfg.train.out_dir) / "worker.json", info)
 
 
-def run_many(tasks: Sequence[dict[str, Any]], jobs: int = 1) -> list[dict[str, Any]]:
-    """:func:`run_training` for each task (its keyword arguments), in task order.
+def run_many(
+    tasks: Sequence[dict[str, Any]], jobs: int = 1, fn: Callable[..., dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """``fn`` (default :func:`run_training`) for each task (its keyword arguments), in task order.
 
     With ``jobs > 1`` the runs go to ``jobs`` spawned processes with one torch thread each: on a small CPU
     two single-threaded trainings get more done than one two-threaded one, and a busy machine does not
     stall them the way it stalls a multi-threaded run.
     """
+    fn = fn or run_training
     if jobs <= 1 or len(tasks) <= 1:
-        return [run_training(**t) for t in tasks]
+        return [fn(**t) for t in tasks]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=ctx, initializer=set_threads, initargs=(1,)) as pool:
-        futures = [pool.submit(run_training, **t) for t in tasks]
+        futures = [pool.submit(fn, **t) for t in tasks]
         return [f.result() for f in futures]
+
+
+def run_scored(
+    cfg: Config,
+    spec: MonitorSpec,
+    label: str,
+    every: int,
+    work: Path = WORK_DIR,
+    only_finished: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Our trainer with the monitor's scores every ``every`` optimizer steps (:mod:`benchmarks.stepwise`).
+
+    Fashion-MNIST is scored by :class:`~benchmarks.monitors.ProbeMonitor` (linear probe and kNN), PETS09 by its
+    retrieval monitor. A killed run continues from its last checkpoint when called again (the trainer resumes a
+    folder whose checkpoint has the same config); a finished one is reused from ``run.json``. With
+    ``only_finished`` nothing is trained: a run that has not finished gives None.
+
+    Returns:
+        ``steps`` (0 = the untrained backbone, then every ``every`` steps and the last), ``metrics`` (name ->
+        values at those steps), ``seconds`` of this call's training and scoring, ``label``, ``seed``, ``lr``.
+    """
+    from benchmarks.monitors import build_probe_monitor
+    from benchmarks.stepwise import read_scores, score_on_save
+    from reid_ssl.train.loop import train
+
+    cfg = with_overrides(cfg, [f"train.checkpoint_every_steps={every}", "train.checkpoint_every_epochs=0"])
+    key = run_key(cfg, spec, "ours-scored", linear=spec.dataset == "fashion-mnist")
+    out = run_dir(work, cfg, spec, "scored", label, key)
+    done = out / "run.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        log(f"  {label} seed {cfg.train.seed}: reused {done}")
+        return {**json.loads(done.read_text()), "cached": True}
+    if only_finished:
+        return None
+    cfg = with_overrides(cfg, [f"train.out_dir={out}"])
+    monitor = build_probe_monitor(spec)
+    initial = initial_metrics(cfg, spec, monitor)
+    t = time.perf_counter()
+    with score_on_save(monitor, out / "scores.jsonl", flip=spec.dataset == "pets09"):
+        summary = train(cfg, progress=False)
+    scores = read_scores(out / "scores.jsonl")
+    steps = [0, *sorted(scores)]
+    names = sorted(initial)
+    result = {
+        "label": label,
+        "seed": cfg.train.seed,
+        "lr": cfg.optim.lr,
+        "steps": steps,
+        "metrics": {n: [initial[n], *(scores[s][n] for s in steps[1:])] for n in names},
+        "seconds": round(time.perf_counter() - t, 1),
+        "resumed_at_step": summary["resumed_at_step"],
+        "k_rule": summary["k_rule"],
+        "key": key,
+        "dir": str(out),
+    }
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    write_json(done, result)
+    first = "linear_top1" if "linear_top1" in names else names[0]
+    log(f"  {label} seed {cfg.train.seed}: {first} {result['metrics'][first][0]:.4f} -> "
+        f"{result['metrics'][first][-1]:.4f} in {result['seconds']:.0f} s")  # fmt: skip
+    return {**result, "cached": False}
 
 
 def _final_embedder(cfg: Config, out: Path, ref: dict[str, Any] | None) -> Any:

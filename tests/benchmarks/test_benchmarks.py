@@ -8,6 +8,7 @@ the JSON its script wrote: the expected keys, finite numbers, and the PNG next t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ def _scripts() -> dict[str, list[str]]:
         "ablations": [],
         "peer_lightly": [],
         "throughput": [],
+        "learning_efficiency": ["--datasets", datasets],
     }
     if not HAVE_LIGHTLY:
         del scripts["peer_lightly"], scripts["throughput"]
@@ -186,6 +188,46 @@ def test_throughput_smoke(smoke):
 
 
 @pytest.mark.slow
+def test_learning_efficiency_smoke(smoke):
+    r = result_of(smoke, "learning_efficiency")
+    expected = {"fashion-mnist": "linear_top1"} | ({"pets09": "mAP"} if HAVE_PETS09 else {})
+    assert set(r["datasets"]) == set(expected)
+    for dataset, primary in expected.items():
+        d = r["datasets"][dataset]
+        assert d["protocol"]["primary"] == primary and Path(d["plot"]).stat().st_size > 5000
+        assert d["floors"]["untrained"][primary]["n"] == 2 and 0 < d["floors"]["raw_pixels"][primary] <= 1
+        assert set(d["pilot"]["chosen_lr"]) == {"byol", "tt", "tt_auto", "byol_2x"}
+        assert d["pilot"]["chosen_lr"]["byol_2x"] == 2 * d["pilot"]["chosen_lr"]["byol"]
+        assert set(d["arms"]) == {"byol", "tt", "tt_auto", "byol_2x"}
+        for arm in d["arms"].values():
+            assert arm["curves"][primary]["epochs"] == [0, 2, 4]  # steps 0 (untrained), then every 2 steps
+        k_rule = d["arms"]["tt_auto"]["runs"][0]["k_rule"]
+        assert k_rule["k"] == "auto" and k_rule["k_lo"] > 2  # 23 negatives: the rule moves the window up
+        for key in ("tt_vs_byol", "tt_auto_vs_byol", "tt_vs_byol_2x", "tt_auto_vs_byol_2x"):
+            v = d["verdicts"][f"{key}_{primary}"]
+            assert v["verdict"] in ("holds", "does not hold", "no semantic learning yet")
+            assert v["verdict"] != "holds" or (v["R1"] and v["R2"] and v["R3"] and v["passes_raw_pixels"])
+
+
+def test_decision_rule_on_made_up_curves():
+    """R1 (reach the reference's final within the bound), R2 (every seed ends higher), R3 (every seed's area)."""
+    from benchmarks.bench_learning_efficiency import verdict
+
+    def run(seed, values):
+        return {"seed": seed, "steps": [0, 100, 200, 300], "metrics": {"m": values}}
+
+    byol = [run(0, [0.5, 0.55, 0.6, 0.62]), run(1, [0.5, 0.54, 0.58, 0.6])]
+    fast = [run(0, [0.5, 0.62, 0.66, 0.68]), run(1, [0.5, 0.6, 0.64, 0.66])]
+    v = verdict(fast, byol, "m", bound=200, raw=0.6)
+    assert v["R1_first_step_reaching_reference_final"] == 100 and v["R1"] and v["R2"] and v["R3"]
+    assert v["verdict"] == "holds"
+    assert verdict(fast, byol, "m", bound=200, raw=0.7)["verdict"] == "no semantic learning yet"
+    late = [run(0, [0.5, 0.5, 0.55, 0.7]), run(1, [0.5, 0.5, 0.55, 0.7])]  # ends higher, but late and less area
+    v = verdict(late, byol, "m", bound=200, raw=0.6)
+    assert v["R2"] and not v["R1"] and not v["R3"] and v["verdict"] == "does not hold"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["evaluator", "index"])
 def test_search_benchmarks_smoke(tmp_path, name):
     """The evaluator and FAISS benchmarks run as modules from the repository root and write the shared header."""
@@ -274,3 +316,33 @@ def test_methods_share_everything_but_the_loss():
 def test_steady_rate_skips_the_warmup_steps():
     assert stats.steady_rate([5.0, 6.0, 7.0, 8.0], batch=10, warmup=1) == pytest.approx(10.0)
     assert stats.steady_rate([1.0], batch=10, warmup=1) is None
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST not installed")
+def test_scores_every_n_steps_leave_training_bit_identical(tmp_path):
+    """``stepwise.score_on_save`` scores each checkpoint before it is written and restores every RNG after."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from benchmarks import stepwise
+    from reid_ssl.checkpoint import load_checkpoint
+    from reid_ssl.train.loop import train
+
+    def noisy_monitor(embedder):  # draws from every RNG the trainer uses, as a careless monitor might
+        return {"draw": float(torch.rand(1)) + random.random() + float(np.random.rand()), "dim": embedder.feature_dim}
+
+    states = []
+    for scored in (False, True):
+        p = presets.preset("fashion-mnist", smoke=True)
+        cfg = presets.build_config(p, "truncated_triplet", 0, ["train.checkpoint_every_steps=2", "train.max_steps=4"])
+        out = tmp_path / f"scored_{scored}"
+        cfg = presets.with_overrides(cfg, [f"train.out_dir={out}", "train.checkpoint_every_epochs=0"])
+        with stepwise.score_on_save(noisy_monitor, out / "scores.jsonl") if scored else contextlib.nullcontext():
+            train(cfg, progress=False)
+        states.append(load_checkpoint(out / "checkpoint.pt"))
+    assert states[0]["backbone"]["sha256"] == states[1]["backbone"]["sha256"]
+    assert all(torch.equal(v, states[1]["model"][k]) for k, v in states[0]["model"].items())
+    scores = stepwise.read_scores(tmp_path / "scored_True" / "scores.jsonl")
+    assert sorted(scores) == [2, 4] and scores[4]["dim"] == 512
