@@ -241,6 +241,26 @@ def test_search_benchmarks_smoke(tmp_path, name):
     assert {"cpu", "cores_available", "torch", "load_average_1_5_15", "load_average_end"} <= set(result["machine"])
 
 
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """The GPU check's every part runs on the CPU at tiny sizes; the CUDA-only pieces say that they did not run."""
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--cpu-dry-run", "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the same on a machine with a GPU
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "gpu_check" and r["smoke"] is True and r["all_ok"] is True and r["gpus"] == []
+    parts = r["parts"]
+    assert all(parts[p]["ran"] and parts[p]["ok"] for p in ("amp", "triplet", "eval_faiss", "ddp"))
+    assert set(parts["amp"]["ceiling"]) == {"fp32", "bf16"} and parts["amp"]["ratio"] > 0
+    assert set(parts["amp"]["not_run"]) == {"fp16_scaler", "compile"}
+    assert parts["ddp"]["backend"] == "gloo" and "NCCL" in parts["ddp"]["note"]
+    assert parts["eval_faiss"]["max_abs_diff_vs_cpu"] < 2e-3
+    assert "not installed" in parts["eval_faiss"]["not_run"]["faiss_gpu"]
+    assert "cpu dry run" in done.stdout and "CUDA only" in done.stdout  # it says what ran and what did not
+
+
 def test_no_benchmark_edits_sys_path():
     """The benchmarks are a package run with ``python -m``: no script may patch the import path."""
     offenders = [p.name for p in (REPO / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
