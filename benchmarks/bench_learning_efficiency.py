@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -113,10 +114,16 @@ def arm_config(s: Setting, arm: str, lr: float, seed: int, steps: int, warmup: i
 
 
 def floors(s: Setting, work: Path) -> dict[str, Any]:
-    """Raw pixels and the untrained network (``untrained_seeds`` seeds) under the run's monitor."""
+    """Raw pixels and the untrained network (``untrained_seeds`` seeds) under the run's monitor; computed once
+    and kept in the work folder (``floors-<dataset>-<hash>.json``) for a restarted experiment."""
     from benchmarks.monitors import RawPixels, build_probe_monitor, initial_metrics
     from reid_ssl.checkpoint import make_preprocess
     from reid_ssl.embedder import Embedder
+
+    key = runs.run_key(arm_config(s, "byol", 0.1, 0, s.steps, s.warmup), s.preset.monitor, "floors", False)
+    cached = work / f"floors-{s.dataset}-{s.untrained_seeds}-{key[:10]}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
 
     monitor = build_probe_monitor(s.preset.monitor)
     h, w = s.preset.size
@@ -124,11 +131,13 @@ def floors(s: Setting, work: Path) -> dict[str, Any]:
     pixels = monitor(Embedder(raw, make_preprocess(h, w), "raw-pixels", flip=s.dataset == "pets09"))
     untrained = [initial_metrics(arm_config(s, "byol", 0.1, seed, s.steps, s.warmup), s.preset.monitor, monitor)
                  for seed in range(s.untrained_seeds)]  # fmt: skip
-    return {
+    result = {
         "raw_pixels": pixels,
         "untrained": {m: stats.mean_spread([u[m] for u in untrained]) for m in untrained[0]},
         "untrained_per_seed": untrained,
     }
+    write_json(cached, result)
+    return result
 
 
 def run_all(tasks: list[dict[str, Any]], jobs: int, report_only: bool) -> list[dict[str, Any] | None]:

@@ -13,6 +13,7 @@ the real loop should span whole epochs, so per-epoch costs such as loader start-
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +76,9 @@ def real_rate(cfg: Config, warmup: int) -> dict[str, Any]:
     """:func:`reid_ssl.train.train` on ``cfg`` (set ``train.max_steps``): steady img/s after ``warmup`` steps.
 
     The rate comes from the ``time`` of the logged steps in ``metrics.jsonl`` (every ``train.log_every_steps``,
-    as configured), between the first logged step >= ``warmup`` and the last one.
+    as configured), between the first logged step >= ``warmup`` and the last one. ``cpu_s`` splits the CPU
+    time of the whole run into this process (model, loss, EMA, logging, checkpoints) and the loader workers
+    (decoding and augmentation; they are child processes that exit every epoch).
     """
     from reid_ssl.train.logs import read_metrics
     from reid_ssl.train.loop import train
@@ -83,9 +86,9 @@ def real_rate(cfg: Config, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="reid_ssl_real_") as tmp:
         out = Path(tmp)
         cfg = with_overrides(cfg, [f"train.out_dir={out}"])
-        t0 = time.perf_counter()
+        before, t0 = os.times(), time.perf_counter()
         summary = train(cfg, progress=False, overwrite=True)
-        wall = time.perf_counter() - t0
+        wall, after = time.perf_counter() - t0, os.times()
         logged = [(r["step"], r["time"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     window = [(s, t) for s, t in logged if s >= warmup]
     if len(window) < 2:
@@ -96,6 +99,12 @@ def real_rate(cfg: Config, warmup: int) -> dict[str, Any]:
         "steps": s1 - s0,
         "wall_s": wall,
         "final_loss": summary["loss"],
+        "cpu_s": {
+            "main_process": (after.user + after.system) - (before.user + before.system),
+            "loader_workers": (after.children_user + after.children_system)
+            - (before.children_user + before.children_system),
+        },
+        "images": summary["steps"] * cfg.train.batch_size * cfg.train.accumulate,
     }
 
 
