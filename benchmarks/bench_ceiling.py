@@ -47,8 +47,9 @@ def config(name: str, smoke: bool) -> tuple[Config, int, int]:
         tiny += ["data.height=16", "data.width=16", "data.num_workers=0", "train.batch_size=16", "train.max_steps=8"]
         tiny += ["model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64", "train.log_every_steps=2"]
         tiny += ["model.multires=false", "train.eval_dataset=", "train.tensorboard=false"]
-        extra = ["train.amp=bf16"] if name == "cpu_default_bf16" else []
-        return load_config(None, [*tiny, *extra]), 2, 3
+        paper = ["model.backbone=resnet50", "optim.name=lars"]
+        extra = {"cpu_default_bf16": ["train.amp=bf16"], "paper_r50_small": paper}
+        return load_config(None, [*tiny, *extra.get(name, [])]), 2, 3
     if name == "cpu_default":
         return load_config(None, [*pets, "train.max_steps=80"]), 10, 20
     if name == "cpu_default_bf16":

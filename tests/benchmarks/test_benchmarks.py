@@ -41,7 +41,10 @@ def _scripts() -> dict[str, list[str]]:
         "peer_lightly": [],
         "throughput": [],
         "learning_efficiency": ["--datasets", datasets],
+        "ceiling": [],
     }
+    if HAVE_PETS09:
+        scripts["precision"] = []
     if not HAVE_LIGHTLY:
         del scripts["peer_lightly"], scripts["throughput"]
     return scripts
@@ -185,6 +188,30 @@ def test_throughput_smoke(smoke):
     fx = r["feature_extraction"]
     assert fx["tensor_flip_off_img_per_s"] > 0 and fx["images_workers_0_img_per_s"] > 0
     assert Path(r["plot"]).is_file()
+
+
+@pytest.mark.slow
+def test_ceiling_smoke(smoke):
+    r = result_of(smoke, "ceiling")
+    assert set(r["configs"]) == {"cpu_default", "cpu_default_bf16", "paper_r50_small"}
+    for c in r["configs"].values():
+        assert len(c["ratio"]) == 1 and len(c["ceiling"]) == 2 and c["ratio_min"] == c["ratio_max"] > 0
+        real = c["real"][0]
+        assert real["img_per_s"] > 0 and real["cpu_s"]["main_process"] > 0 and real["cpu_s"]["loader_workers"] >= 0
+    assert r["configs"]["paper_r50_small"]["overrides"]["backbone"] == "resnet50"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_PETS09, reason="PETS09 crops not built (make data)")
+def test_precision_smoke(smoke):
+    r = result_of(smoke, "precision")
+    assert set(r["precisions"]) == {"none", "bf16"}
+    for m in ("rank1", "mAP"):
+        d = r["bf16_minus_fp32"][m]
+        assert len(d["per_seed"]) == 1
+        fp32, bf16 = (r["precisions"][a]["final"][m]["mean"] for a in ("none", "bf16"))
+        assert d["mean"] == pytest.approx(bf16 - fp32)
+    assert r["precisions"]["bf16"]["runs"][0]["epochs"] == [0, 1, 2] and Path(r["plot"]).is_file()
 
 
 @pytest.mark.slow
