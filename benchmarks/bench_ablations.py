@@ -17,10 +17,10 @@ process). Each variant changes one thing:
 Reports each variant's curve and final metric (mean ± sample std over seeds) and its difference from the
 reference, paired by seed. Writes ``benchmarks/results/ablations.json`` and ``ablations.png``.
 
-    python benchmarks/bench_ablations.py                           # PETS09, all variants, seeds 0,1, 6 epochs
-    python benchmarks/bench_ablations.py --dataset fashion-mnist --seeds 0 --epochs 10
-    python benchmarks/bench_ablations.py --variants reference,hardest_1,rank_k
-    python benchmarks/bench_ablations.py --smoke
+    python -m benchmarks.bench_ablations                           # PETS09, all variants, seeds 0,1, 6 epochs
+    python -m benchmarks.bench_ablations --dataset fashion-mnist --seeds 0 --epochs 10
+    python -m benchmarks.bench_ablations --variants reference,hardest_1,rank_k
+    python -m benchmarks.bench_ablations --smoke
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common
+from benchmarks import machine, plots, presets, report, runs, stats
+from reid_ssl.fileio import write_json
 from reid_ssl.losses import smallest_safe_k
 
 # name -> (group, description)
@@ -55,7 +54,7 @@ SMOKE_VARIANTS = ("reference", "rank_k", "median", "bag_positives", "ddp2_gather
 ABLATION_EPOCHS = 6  # default epochs (the efficiency preset's are for 3 methods x 3 seeds)
 
 
-def variant_overrides(name: str, p: common.Preset) -> tuple[list[str], int] | str:
+def variant_overrides(name: str, p: presets.Preset) -> tuple[list[str], int] | str:
     """The config overrides and process count of a variant, or the reason it does not apply to ``p``."""
     half = p.batch_size // 2
     if name == "reference":
@@ -63,7 +62,7 @@ def variant_overrides(name: str, p: common.Preset) -> tuple[list[str], int] | st
     if name == "hardest_1":
         return ["loss.k_lo=1", "loss.k_hi=1"], 1
     if name == "rank_k":
-        k = smallest_safe_k(p.batch_size - 1, common.CLASSES[p.dataset])
+        k = smallest_safe_k(p.batch_size - 1, presets.CLASSES[p.dataset])
         return [f"loss.k_lo={k}", f"loss.k_hi={k}"], 1
     if name == "median":
         return ["loss.name=median_triplet"], 1
@@ -86,7 +85,7 @@ def variant_overrides(name: str, p: common.Preset) -> tuple[list[str], int] | st
 
 def summarize(dataset: str, results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant: final metric mean ± std and the seed-paired difference from the reference."""
-    head = common.METRICS[dataset][0]
+    head = presets.METRICS[dataset][0]
     ref = {r["seed"]: r["metrics"][head][-1] for r in results.get("reference", {}).get("runs", [])}
     rows = []
     for name, entry in results.items():
@@ -95,18 +94,18 @@ def summarize(dataset: str, results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         finals = [r["metrics"][head][-1] for r in entry["runs"]]
         paired = [r["metrics"][head][-1] - ref[r["seed"]] for r in entry["runs"] if r["seed"] in ref]
-        entry["final"] = {m: common.mean_spread([r["metrics"][m][-1] for r in entry["runs"]]) for m in entry["curves"]}
-        entry["delta_vs_reference"] = common.mean_spread(paired)
+        entry["final"] = {m: stats.mean_spread([r["metrics"][m][-1] for r in entry["runs"]]) for m in entry["curves"]}
+        entry["delta_vs_reference"] = stats.mean_spread(paired)
         rows.append(
             {
                 "variant": name,
                 "group": entry["group"],
-                f"final_{head}": common.mean_spread(finals)["mean"],
-                f"final_{head}_std": common.mean_spread(finals)["std"],
+                f"final_{head}": stats.mean_spread(finals)["mean"],
+                f"final_{head}_std": stats.mean_spread(finals)["std"],
                 f"delta_{head}": entry["delta_vs_reference"]["mean"],
                 f"delta_{head}_std": entry["delta_vs_reference"]["std"],
                 "seeds": len(finals),
-                "seconds_per_run": common.mean_spread([r["seconds"] for r in entry["runs"]])["mean"],
+                "seconds_per_run": stats.mean_spread([r["seconds"] for r in entry["runs"]])["mean"],
             }
         )
     return rows
@@ -115,30 +114,30 @@ def summarize(dataset: str, results: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help=f"tiny runs of {', '.join(SMOKE_VARIANTS)} (CI)")
-    ap.add_argument("--out", type=Path, default=common.default_out("ablations"), help="JSON output")
+    ap.add_argument("--out", type=Path, default=report.default_out("ablations"), help="JSON output")
     ap.add_argument("--dataset", default=None, help="pets09 (default) or fashion-mnist")
-    ap.add_argument("--variants", type=common.parse_list, help="comma-separated (default: all)")
-    ap.add_argument("--seeds", type=common.parse_ints, help="comma-separated (default 0,1; smoke 0)")
-    common.add_preset_args(ap)
+    ap.add_argument("--variants", type=presets.parse_list, help="comma-separated (default: all)")
+    ap.add_argument("--seeds", type=presets.parse_ints, help="comma-separated (default 0,1; smoke 0)")
+    presets.add_preset_args(ap)
     args = ap.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.smoke else [0, 1])
     variants = args.variants or list(SMOKE_VARIANTS if args.smoke else VARIANTS)
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
-    dataset = args.dataset or ("pets09" if common.dataset_available("pets09") is None else "fashion-mnist")
-    missing = common.dataset_available(dataset)
+    dataset = args.dataset or ("pets09" if presets.dataset_available("pets09") is None else "fashion-mnist")
+    missing = presets.dataset_available(dataset)
     if missing:
         ap.error(missing)
-    threads = common.set_threads(args.threads or (1 if args.smoke else None))
-    jobs = common.resolve_jobs(args)
-    p = common.preset(dataset, args.smoke)
+    threads = machine.set_threads(args.threads or (1 if args.smoke else None))
+    jobs = presets.resolve_jobs(args)
+    p = presets.preset(dataset, args.smoke)
     if not args.smoke:
         p = replace(p, epochs=ABLATION_EPOCHS)
-    p = common.apply_preset_args(p, args)
-    head = common.METRICS[dataset][0]
+    p = presets.apply_preset_args(p, args)
+    head = presets.METRICS[dataset][0]
 
-    result = common.header("ablations", args.smoke)
+    result = report.header("ablations", args.smoke)
     result["settings"] = {
         "dataset": dataset,
         "variants": variants,
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         name: {"group": VARIANTS[name][0], "description": VARIANTS[name][1]} for name in variants
     }
     tasks = []
-    with common.work_dir(args.work_dir, args.smoke) as work:
+    with runs.work_dir(args.work_dir, args.smoke) as work:
         for seed in args.seeds:
             for name in variants:
                 spec = variant_overrides(name, p)
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 overrides, processes = spec
                 results[name]["overrides"], results[name]["processes"] = overrides, processes
-                cfg = common.build_config(p, "truncated_triplet", seed, overrides)
+                cfg = presets.build_config(p, "truncated_triplet", seed, overrides)
                 tasks.append(
                     dict(
                         cfg=cfg,
@@ -176,20 +175,20 @@ def main(argv: list[str] | None = None) -> int:
                         processes=processes,
                     )
                 )
-        for task, run in zip(tasks, common.run_many(tasks, args.jobs), strict=True):
+        for task, run in zip(tasks, runs.run_many(tasks, args.jobs), strict=True):
             results[task["label"].removeprefix("ablation-")].setdefault("runs", []).append(run)
     for entry in results.values():
         if "runs" in entry:
             epochs = entry["runs"][0]["epochs"]
             metrics = entry["runs"][0]["metrics"]
             entry["curves"] = {
-                m: common.curve_summary(epochs, [r["metrics"][m] for r in entry["runs"]]) for m in metrics
+                m: stats.curve_summary(epochs, [r["metrics"][m] for r in entry["runs"]]) for m in metrics
             }
     result["table"] = summarize(dataset, results)
     result["variants"] = results
     rows = [r for r in result["table"] if "skipped" not in r]
-    png = common.plot_bars(
-        common.png_path(args.out),
+    png = plots.plot_bars(
+        report.png_path(args.out),
         [f"{r['variant']} ({r['group']})" for r in rows],
         [r[f"final_{head}"] for r in rows],
         [r[f"final_{head}_std"] for r in rows],
@@ -198,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         reference=results.get("reference", {}).get("final", {}).get(head, {}).get("mean"),
     )
     result["plot"] = str(png)
-    common.write_json(args.out, common.finish(result, t))
+    write_json(args.out, report.finish(result, t))
     columns = ["variant", "group", f"final_{head}", f"final_{head}_std", f"delta_{head}", f"delta_{head}_std"]
-    print(common.markdown_table(result["table"], [*columns, "seeds", "skipped"]))
+    print(report.markdown_table(result["table"], [*columns, "seeds", "skipped"]))
     print(f"wrote {args.out}")
     return 0
 

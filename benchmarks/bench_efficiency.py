@@ -13,9 +13,9 @@ Reports, per dataset, the mean ± spread (sample std over seeds) per epoch, the 
 which each method's mean curve first reaches BYOL's final mean (also per seed, against the same seed's BYOL).
 Writes ``benchmarks/results/efficiency.json`` and one PNG per dataset next to it.
 
-    python benchmarks/bench_efficiency.py                      # both datasets, 3 methods x 3 seeds (~80 min)
-    python benchmarks/bench_efficiency.py --datasets fashion-mnist --seeds 0,1,2
-    python benchmarks/bench_efficiency.py --smoke              # seconds (CI)
+    python -m benchmarks.bench_efficiency                      # both datasets, 3 methods x 3 seeds (~80 min)
+    python -m benchmarks.bench_efficiency --datasets fashion-mnist --seeds 0,1,2
+    python -m benchmarks.bench_efficiency --smoke              # seconds (CI)
 """
 
 from __future__ import annotations
@@ -27,37 +27,37 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common
+from benchmarks import machine, plots, presets, report, runs, stats
+from reid_ssl.config import to_dict
+from reid_ssl.fileio import write_json
 
 DEFAULT_METHODS = ("truncated_triplet", "byol", "simclr")
 
 
-def summarize(dataset: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarize(dataset: str, by_method: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Curves, finals, linear probes and epochs-to-BYOL's-final of every method on one dataset."""
-    metrics = common.METRICS[dataset]
-    byol = runs.get("byol", [])
-    byol_final = {m: common.mean_spread([r["metrics"][m][-1] for r in byol]) for m in metrics} if byol else {}
+    metrics = presets.METRICS[dataset]
+    byol = by_method.get("byol", [])
+    byol_final = {m: stats.mean_spread([r["metrics"][m][-1] for r in byol]) for m in metrics} if byol else {}
     byol_by_seed = {r["seed"]: r for r in byol}
     methods: dict[str, Any] = {}
-    for method, method_runs in runs.items():
+    for method, method_runs in by_method.items():
         epochs = method_runs[0]["epochs"]
-        curves = {m: common.curve_summary(epochs, [r["metrics"][m] for r in method_runs]) for m in metrics}
+        curves = {m: stats.curve_summary(epochs, [r["metrics"][m] for r in method_runs]) for m in metrics}
         entry: dict[str, Any] = {
             "curves": curves,
-            "final": {m: common.mean_spread([r["metrics"][m][-1] for r in method_runs]) for m in metrics},
-            "seconds_per_run": common.mean_spread([r["seconds"] for r in method_runs]),
-            "train_images_per_second": common.mean_spread([r["train_images_per_second"] for r in method_runs]),
+            "final": {m: stats.mean_spread([r["metrics"][m][-1] for r in method_runs]) for m in metrics},
+            "seconds_per_run": stats.mean_spread([r["seconds"] for r in method_runs]),
+            "train_images_per_second": stats.mean_spread([r["train_images_per_second"] for r in method_runs]),
         }
         if all("linear" in r for r in method_runs):
-            entry["linear_top1"] = common.mean_spread([r["linear"]["linear_top1"] for r in method_runs])
+            entry["linear_top1"] = stats.mean_spread([r["linear"]["linear_top1"] for r in method_runs])
         if byol_final:
             entry["epochs_to_byol_final"] = {
                 m: {
-                    "mean_curve": common.first_epoch_reaching(epochs, curves[m]["mean"], byol_final[m]["mean"]),
+                    "mean_curve": stats.first_epoch_reaching(epochs, curves[m]["mean"], byol_final[m]["mean"]),
                     "per_seed": [
-                        common.first_epoch_reaching(epochs, r["metrics"][m], byol_by_seed[r["seed"]]["metrics"][m][-1])
+                        stats.first_epoch_reaching(epochs, r["metrics"][m], byol_by_seed[r["seed"]]["metrics"][m][-1])
                         if r["seed"] in byol_by_seed
                         else None
                         for r in method_runs
@@ -93,10 +93,10 @@ def plot(dataset: str, summary: dict[str, Any], path: Path, seeds: int) -> Path:
             if "linear_top1" in entry and entry["linear_top1"]["mean"] is not None:
                 label += f" (linear {entry['linear_top1']['mean']:.3f}±{entry['linear_top1']['std']:.3f})"
             mark = entry.get("epochs_to_byol_final", {}).get(m, {}).get("mean_curve")
-            curves.append(common.Curve(label, c["epochs"], c["mean"], c["std"], mark=mark))
+            curves.append(plots.Curve(label, c["epochs"], c["mean"], c["std"], mark=mark))
         byol = summary["byol_final"].get(m, {}).get("mean")
         panels.append(
-            common.Panel(
+            plots.Panel(
                 ylabel=m,
                 curves=curves,
                 hline=byol,
@@ -104,22 +104,22 @@ def plot(dataset: str, summary: dict[str, Any], path: Path, seeds: int) -> Path:
                 title=f"{dataset}: {m} (band: ±1 std over {seeds} seed{'s' * (seeds > 1)}; ★ first reaches BYOL final)",
             )
         )
-    return common.plot_panels(path, panels)
+    return plots.plot_panels(path, panels)
 
 
 def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """All methods x seeds on one dataset, then :func:`summarize` and :func:`plot`."""
-    missing = common.dataset_available(dataset)
+    missing = presets.dataset_available(dataset)
     if missing:
         print(f"{dataset}: skipped ({missing})")
         return {"skipped": missing}
-    p = common.apply_preset_args(common.preset(dataset, args.smoke), args)
+    p = presets.apply_preset_args(presets.preset(dataset, args.smoke), args)
     print(f"{dataset}: {', '.join(args.methods)} x seeds {args.seeds}, {p.epochs} epochs, {p.backbone} {p.size}")
     tasks, configs = [], {}
     for seed in args.seeds:  # seed-major: a cut-short benchmark has every method for the first seeds
         for method in args.methods:
-            cfg = common.build_config(p, method, seed)
-            configs.setdefault(method, common.to_dict(cfg))
+            cfg = presets.build_config(p, method, seed)
+            configs.setdefault(method, to_dict(cfg))
             tasks.append(
                 dict(
                     cfg=cfg,
@@ -131,11 +131,11 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
                     linear=dataset == "fashion-mnist",
                 )
             )
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for task, run in zip(tasks, common.run_many(tasks, args.jobs), strict=True):
-        runs.setdefault(task["label"], []).append(run)
-    summary = summarize(dataset, runs)
-    png = plot(dataset, summary, common.png_path(args.out, dataset), len(args.seeds))
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for task, run in zip(tasks, runs.run_many(tasks, args.jobs), strict=True):
+        by_method.setdefault(task["label"], []).append(run)
+    summary = summarize(dataset, by_method)
+    png = plot(dataset, summary, report.png_path(args.out, dataset), len(args.seeds))
     shared = configs[args.methods[0]]
     for key in ("out_dir", "seed"):
         shared["train"].pop(key)
@@ -143,7 +143,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
         "preset": {**asdict(p), "overrides": p.overrides()},
         "shared_config": shared,  # of the first method; method_overrides says what each method changes
         "method_overrides": {
-            m: common.method_overrides(m, p.batch_size, common.CLASSES[dataset]) for m in args.methods
+            m: presets.method_overrides(m, p.batch_size, presets.CLASSES[dataset]) for m in args.methods
         },
         **summary,
         "plot": str(png),
@@ -153,22 +153,22 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny subsets and models, seconds (CI)")
-    ap.add_argument("--out", type=Path, default=common.default_out("efficiency"), help="JSON output")
-    ap.add_argument("--datasets", type=common.parse_list, default=list(common.DATASETS), help="comma-separated")
-    ap.add_argument("--methods", type=common.parse_list, default=list(DEFAULT_METHODS), help="comma-separated")
-    ap.add_argument("--seeds", type=common.parse_ints, help="comma-separated (default 0,1,2; smoke 0)")
-    common.add_preset_args(ap)
+    ap.add_argument("--out", type=Path, default=report.default_out("efficiency"), help="JSON output")
+    ap.add_argument("--datasets", type=presets.parse_list, default=list(presets.DATASETS), help="comma-separated")
+    ap.add_argument("--methods", type=presets.parse_list, default=list(DEFAULT_METHODS), help="comma-separated")
+    ap.add_argument("--seeds", type=presets.parse_ints, help="comma-separated (default 0,1,2; smoke 0)")
+    presets.add_preset_args(ap)
     args = ap.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     for m in args.methods:
-        if m not in common.METHODS:
-            ap.error(f"unknown method {m!r}; choose from {list(common.METHODS)}")
+        if m not in presets.METHODS:
+            ap.error(f"unknown method {m!r}; choose from {list(presets.METHODS)}")
     for d in args.datasets:
-        if d not in common.DATASETS:
-            ap.error(f"unknown dataset {d!r}; choose from {list(common.DATASETS)}")
-    threads = common.set_threads(args.threads or (1 if args.smoke else None))
-    jobs = common.resolve_jobs(args)
-    result = common.header("efficiency", args.smoke)
+        if d not in presets.DATASETS:
+            ap.error(f"unknown dataset {d!r}; choose from {list(presets.DATASETS)}")
+    threads = machine.set_threads(args.threads or (1 if args.smoke else None))
+    jobs = presets.resolve_jobs(args)
+    result = report.header("efficiency", args.smoke)
     result["settings"] = {
         "methods": args.methods,
         "seeds": args.seeds,
@@ -179,16 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     t = time.perf_counter()
     result["datasets"] = {}
-    with common.work_dir(args.work_dir, args.smoke) as work:
+    with runs.work_dir(args.work_dir, args.smoke) as work:
         for dataset in args.datasets:
             result["datasets"][dataset] = run_dataset(dataset, args, work)
-            common.write_json(args.out, {**result, "seconds": round(time.perf_counter() - t, 1)})
-    common.write_json(args.out, common.finish(result, t))
+            write_json(args.out, {**result, "seconds": round(time.perf_counter() - t, 1)})
+    write_json(args.out, report.finish(result, t))
     for dataset, r in result["datasets"].items():
         if "table" in r:
             columns = [c for c in r["table"][0] if c != "seeds"]
             print(f"\n{dataset} ({len(args.seeds)} seeds; *_std: sample std over seeds)")
-            print(common.markdown_table(r["table"], columns))
+            print(report.markdown_table(r["table"], columns))
     print(f"wrote {args.out}")
     return 0
 

@@ -11,30 +11,26 @@
 
 Writes JSON (timings, ratio, differences, machine info, date). ``--smoke`` shrinks everything to seconds.
 
-    python benchmarks/bench_evaluator.py --out benchmarks/results/evaluator.json
-    python benchmarks/bench_evaluator.py --smoke
+    python -m benchmarks.bench_evaluator --out benchmarks/results/evaluator.json
+    python -m benchmarks.bench_evaluator --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reid_ssl.eval.metrics import default_threads, evaluate_rank
-from reid_ssl.eval.distances import evaluate_features
+from benchmarks.report import default_out, finish, header
 from reid_ssl.data.torchreid_bridge import import_torchreid
+from reid_ssl.eval.distances import evaluate_features
+from reid_ssl.eval.metrics import default_threads, evaluate_rank
+from reid_ssl.fileio import write_json
 
 
 def market_like(
@@ -136,37 +132,10 @@ def bench_sysu(num_query: int, num_gallery: int, dim: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
-    return {
-        "cpu": cpu,
-        "cores_available": default_threads(),
-        "load_average": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torchreid": import_torchreid().__version__,
-        "platform": platform.platform(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CI)")
-    ap.add_argument("--out", default="benchmarks/results/evaluator.json", help="JSON output")
+    ap.add_argument("--out", help="JSON output (default benchmarks/results/evaluator.json; none with --smoke)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of our evaluator (best is reported)")
     ap.add_argument("--skip-sysu", action="store_true", help="only the Market-sized comparison")
     args = ap.parse_args(argv)
@@ -174,12 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         market, sysu, torchreid_repeats = (300, 1500, 80, 200), (200, 20000, 128), 1
     else:
         market, sysu, torchreid_repeats = (3368, 15913, 750, 2798), (1000, 479730, 2048), 1
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "smoke": args.smoke,
-        "command": "python benchmarks/bench_evaluator.py" + (" --smoke" if args.smoke else ""),
-        "machine": machine(),
-    }
+    started = time.perf_counter()
+    result = header("evaluator", args.smoke, torchreid=import_torchreid().__version__)
     result["market"] = bench_market(market, args.repeats, torchreid_repeats)
     m = result["market"]
     print(
@@ -194,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             f"sysu30k {s['num_query']} x {s['num_gallery']} x {s['dim']}: {s['seconds']:.1f} s, "
             f"rank-1 {s['rank1']:.3f}, mAP {s['mAP']:.3f}, evaluator memory {s['evaluator_working_memory_gib']} GiB"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    out = args.out or (None if args.smoke else default_out("evaluator"))
+    if out:
+        print(f"wrote {write_json(out, finish(result, started))}")
     return 0
 
 

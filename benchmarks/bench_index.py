@@ -1,9 +1,9 @@
 """FAISS gallery benchmark: search latency (p50/p95) and recall@10 against exact search for every index type at
 10k and 100k vectors, memory per vector, and the app's query latency (embed one crop + search).
 
-    python benchmarks/bench_index.py                 # full run (~5 min on 2 cores), writes benchmarks/results/
-    python benchmarks/bench_index.py --smoke         # seconds: tiny sizes, for CI
-    python benchmarks/bench_index.py --checkpoint runs/pets09_r18/checkpoint.pt
+    python -m benchmarks.bench_index                 # full run (~5 min on 2 cores), writes benchmarks/results/
+    python -m benchmarks.bench_index --smoke         # seconds: tiny sizes, for CI
+    python -m benchmarks.bench_index --checkpoint runs/pets09_r18/checkpoint.pt
 
 Vectors are synthetic but shaped like a re-ID gallery (see `clustered`): 20 crops per identity, identities in
 a low-rank appearance space so that impostors are close; recall@10 is reported for queries of gallery
@@ -16,24 +16,18 @@ random-init checkpoint is used unless one is given.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.machine import REPO
+from benchmarks.report import default_out, finish, header
+from reid_ssl.fileio import write_json
 from reid_ssl.index import INDEX_TYPES, GalleryIndex, GalleryItem, omp_threads
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def clustered(
@@ -65,27 +59,6 @@ def clustered(
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     return {"p50_ms": round(float(np.median(ms)), 4), "p95_ms": round(float(np.percentile(ms, 95)), 4)}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-        "faiss_gpus": faiss.get_num_gpus(),
-    }
 
 
 def bench_type(
@@ -222,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes and repeats: runs in seconds (CI)")
     p.add_argument("--out", help="JSON results (default: benchmarks/results/bench_index.json; none with --smoke)")
     args = p.parse_args(argv)
+    started = time.perf_counter()
+    report = header(
+        "index", args.smoke, faiss=faiss.__version__, faiss_omp_threads=faiss.omp_get_max_threads(),
+        faiss_gpus=faiss.get_num_gpus(),
+    )  # fmt: skip
     if args.smoke:
         args.sizes, args.dim, args.queries, args.repeats, args.embed_repeats = [2000], 64, 50, 30, 5
     k = 10
@@ -252,21 +230,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['embed_plus_search']['p50_ms']:.1f} ms, p95 {row['embed_plus_search']['p95_ms']:.1f} ms "
             f"(embed alone p50 {row['embed']['p50_ms']:.1f} ms)"
         )
-    report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "config": {k_: v for k_, v in vars(args).items() if k_ != "out"},
-        "k": k,
-        "results": results,
-        "disk_bytes_per_vector": memory,
-        "query_latency": embed,
-        "note": "latencies: single queries, median/95th percentile over repeats on shared CPU cores",
-    }
-    out = args.out or (None if args.smoke else str(REPO / "benchmarks" / "results" / "bench_index.json"))
+    report.update(
+        {
+            "config": {k_: v for k_, v in vars(args).items() if k_ != "out"},
+            "k": k,
+            "results": results,
+            "disk_bytes_per_vector": memory,
+            "query_latency": embed,
+            "note": "latencies: single queries, median/95th percentile over repeats on shared CPU cores",
+        }
+    )
+    out = args.out or (None if args.smoke else default_out("bench_index"))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {out}")
+        print(f"wrote {write_json(out, finish(report, started))}")
     return 0
 
 

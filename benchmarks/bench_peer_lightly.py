@@ -4,10 +4,10 @@ Two parts:
 
 1. **Loss equivalence** on random embeddings (float64): our training loss, which SUMS the two directions
    (``loss(p1, z2) + loss(p2, z1)``), against lightly's ``NegativeCosineSimilarity`` and ``NTXentLoss`` (PyPI
-   ``lightly``) rescaled as :func:`benchmarks.common.lightly_loss` explains: ours = 4 + 2 x (ncs(p1, z2) +
+   ``lightly``) rescaled as :func:`benchmarks.reference_loop.lightly_loss` explains: ours = 4 + 2 x (ncs(p1, z2) +
    ncs(p2, z1)) for BYOL, and ours = 2 x NTXentLoss(a, b) for SimCLR, whose NT-Xent averages all 2N anchors.
    Values and gradients must agree to rounding.
-2. **Learning curves**: :func:`reid_ssl.train.train` with our loss vs :func:`benchmarks.common.reference_loop`
+2. **Learning curves**: :func:`reid_ssl.train.train` with our loss vs :func:`benchmarks.reference_loop.reference_loop`
    (lightly's loss, ``update_momentum`` and ``cosine_schedule``; our model, data, optimizer and learning-rate
    schedule), same seeds, monitored after every epoch as in ``bench_efficiency.py``. The curves agree "within
    noise" when at every epoch ``|mean_ours - mean_lightly| <= max(2 * SE, --tolerance)``, SE being the
@@ -16,9 +16,9 @@ Two parts:
 Writes ``benchmarks/results/peer_lightly.json`` and ``peer_lightly_<dataset>.png``. "Ours" runs are reused
 from ``bench_efficiency.py`` when the settings match (same work folder).
 
-    python benchmarks/bench_peer_lightly.py                       # Fashion-MNIST, 3 seeds
-    python benchmarks/bench_peer_lightly.py --datasets fashion-mnist,pets09
-    python benchmarks/bench_peer_lightly.py --smoke
+    python -m benchmarks.bench_peer_lightly                       # Fashion-MNIST, 3 seeds
+    python -m benchmarks.bench_peer_lightly --datasets fashion-mnist,pets09
+    python -m benchmarks.bench_peer_lightly --smoke
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common
+from benchmarks import machine, plots, presets, reference_loop, report, runs, stats
+from reid_ssl.fileio import write_json
 from reid_ssl.losses import byol_loss, nt_xent_loss
 
 METHODS = ("byol", "simclr")
@@ -46,7 +45,7 @@ def loss_equivalence(sizes: tuple[int, ...] = (8, 64), dim: int = 32, temperatur
     out: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(0)
     for name in METHODS:
-        theirs = common.lightly_loss(name, temperature)
+        theirs = reference_loop.lightly_loss(name, temperature)
         worst = {"value": 0.0, "grad": 0.0}
         for n in sizes:
             x = [torch.randn(n, dim, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)]
@@ -77,8 +76,8 @@ def loss_equivalence(sizes: tuple[int, ...] = (8, 64), dim: int = 32, temperatur
 def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], metric: str, tol: float) -> dict[str, Any]:
     """Per-epoch difference of the two mean curves, its standard error, and the within-noise verdict."""
     epochs = ours[0]["epochs"]
-    a = common.curve_summary(epochs, [r["metrics"][metric] for r in ours])
-    b = common.curve_summary(epochs, [r["metrics"][metric] for r in theirs])
+    a = stats.curve_summary(epochs, [r["metrics"][metric] for r in ours])
+    b = stats.curve_summary(epochs, [r["metrics"][metric] for r in theirs])
     diffs, ses, ok = [], [], True
     for i in range(len(epochs)):
         d = a["mean"][i] - b["mean"][i]
@@ -97,18 +96,18 @@ def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], metric: st
 
 
 def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    missing = common.dataset_available(dataset)
+    missing = presets.dataset_available(dataset)
     if missing:
         print(f"{dataset}: skipped ({missing})")
         return {"skipped": missing}
-    p = common.apply_preset_args(common.preset(dataset, args.smoke), args)
+    p = presets.apply_preset_args(presets.preset(dataset, args.smoke), args)
     print(f"{dataset}: ours vs lightly for {', '.join(args.methods)} x seeds {args.seeds}, {p.epochs} epochs")
     result: dict[str, Any] = {"preset": {**asdict(p), "overrides": p.overrides()}, "methods": {}}
     panels = []
     for method in args.methods:
         tasks = [
             dict(
-                cfg=common.build_config(p, method, seed),
+                cfg=presets.build_config(p, method, seed),
                 spec=p.monitor,
                 label=method,
                 impl=impl,
@@ -120,25 +119,25 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
             for seed in args.seeds
             for impl in ("ours", "lightly")
         ]
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "lightly": []}
-        for task, run in zip(tasks, common.run_many(tasks, args.jobs), strict=True):
-            runs[task["impl"]].append(run)
-        metrics = {m: compare(runs["ours"], runs["lightly"], m, args.tolerance) for m in common.METRICS[dataset]}
+        by_impl: dict[str, list[dict[str, Any]]] = {"ours": [], "lightly": []}
+        for task, run in zip(tasks, runs.run_many(tasks, args.jobs), strict=True):
+            by_impl[task["impl"]].append(run)
+        metrics = {m: compare(by_impl["ours"], by_impl["lightly"], m, args.tolerance) for m in presets.METRICS[dataset]}
         entry: dict[str, Any] = {
             "metrics": metrics,
             "within_noise": all(v["within_noise"] for v in metrics.values()),
-            "seconds_per_run": {k: common.mean_spread([r["seconds"] for r in v]) for k, v in runs.items()},
-            "final_loss": {k: common.mean_spread([r["loss"][-1] for r in v]) for k, v in runs.items()},
-            "runs": runs,
+            "seconds_per_run": {k: stats.mean_spread([r["seconds"] for r in v]) for k, v in by_impl.items()},
+            "final_loss": {k: stats.mean_spread([r["loss"][-1] for r in v]) for k, v in by_impl.items()},
+            "runs": by_impl,
         }
         if dataset == "fashion-mnist":
             entry["linear_top1"] = {
-                k: common.mean_spread([r["linear"]["linear_top1"] for r in v]) for k, v in runs.items()
+                k: stats.mean_spread([r["linear"]["linear_top1"] for r in v]) for k, v in by_impl.items()
             }
         result["methods"][method] = entry
-        head = common.METRICS[dataset][0]
+        head = presets.METRICS[dataset][0]
         curves = [
-            common.Curve(
+            plots.Curve(
                 f"{impl} ({'reid_ssl train' if impl == 'ours' else 'lightly loss loop'})",
                 c["epochs"],
                 c["mean"],
@@ -148,28 +147,28 @@ def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str,
             for impl, c in (("ours", metrics[head]["ours"]), ("lightly", metrics[head]["lightly"]))
         ]
         verdict = "within noise" if metrics[head]["within_noise"] else "NOT within noise"
-        panels.append(common.Panel(head, curves, title=f"{dataset} {method}: {verdict} (band ±1 std)"))
-    result["plot"] = str(common.plot_panels(common.png_path(args.out, dataset), panels))
+        panels.append(plots.Panel(head, curves, title=f"{dataset} {method}: {verdict} (band ±1 std)"))
+    result["plot"] = str(plots.plot_panels(report.png_path(args.out, dataset), panels))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny subsets and models, seconds (CI)")
-    ap.add_argument("--out", type=Path, default=common.default_out("peer_lightly"), help="JSON output")
-    ap.add_argument("--datasets", type=common.parse_list, default=["fashion-mnist"], help="comma-separated")
-    ap.add_argument("--methods", type=common.parse_list, default=list(METHODS), help="byol,simclr")
-    ap.add_argument("--seeds", type=common.parse_ints, help="comma-separated (default 0,1,2; smoke 0)")
+    ap.add_argument("--out", type=Path, default=report.default_out("peer_lightly"), help="JSON output")
+    ap.add_argument("--datasets", type=presets.parse_list, default=["fashion-mnist"], help="comma-separated")
+    ap.add_argument("--methods", type=presets.parse_list, default=list(METHODS), help="byol,simclr")
+    ap.add_argument("--seeds", type=presets.parse_ints, help="comma-separated (default 0,1,2; smoke 0)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="absolute difference always accepted")
-    common.add_preset_args(ap)
+    presets.add_preset_args(ap)
     args = ap.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     for m in args.methods:
         if m not in METHODS:
             ap.error(f"lightly counterparts exist for {list(METHODS)}, not {m!r}")
-    threads = common.set_threads(args.threads or (1 if args.smoke else None))
-    jobs = common.resolve_jobs(args)
-    result = common.header("peer_lightly", args.smoke)
+    threads = machine.set_threads(args.threads or (1 if args.smoke else None))
+    jobs = presets.resolve_jobs(args)
+    result = report.header("peer_lightly", args.smoke)
     result["settings"] = {
         "methods": args.methods,
         "seeds": args.seeds,
@@ -186,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             f"|grad diff| {r['max_abs_grad_diff']:.1e}"
         )
     result["datasets"] = {}
-    with common.work_dir(args.work_dir, args.smoke) as work:
+    with runs.work_dir(args.work_dir, args.smoke) as work:
         for dataset in args.datasets:
             result["datasets"][dataset] = run_dataset(dataset, args, work)
-    common.write_json(args.out, common.finish(result, t))
+    write_json(args.out, report.finish(result, t))
     for dataset, r in result["datasets"].items():
         for method, e in r.get("methods", {}).items():
             print(

@@ -10,8 +10,8 @@ Rows, all on the PETS09-S2L1 retrieval split (``data/pets09``, Market protocol, 
 
 Writes ``benchmarks/results/pets09_default.json`` and prints a Markdown table.
 
-    python benchmarks/bench_pets09_default.py                        # ~2 min after `make demo`
-    python benchmarks/bench_pets09_default.py --smoke                # one seed, one resolution (CI)
+    python -m benchmarks.bench_pets09_default                      # ~2 min after `make demo`
+    python -m benchmarks.bench_pets09_default --smoke              # one seed, one resolution (CI)
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import PETS09_ROOT, REPO, default_out, finish, header, markdown_table, parse_ints, seed_all, write_json
 
-from reid_ssl.eval.baselines import histogram_baseline
+from benchmarks.machine import REPO
+from benchmarks.presets import PETS09_ROOT, parse_ints
+from benchmarks.report import default_out, finish, header, markdown_table
 from reid_ssl.checkpoint import load_checkpoint, make_preprocess, state_dict_sha256
+from reid_ssl.data.datasets import load_split
 from reid_ssl.embedder import Embedder, backbone_from_checkpoint
+from reid_ssl.eval.baselines import histogram_baseline
+from reid_ssl.fileio import write_json
 from reid_ssl.models import build_backbone
 from reid_ssl.train.monitor import retrieval_monitor
-from reid_ssl.data.datasets import load_split
+from reid_ssl.train.state import seed_everything
 
 
 def retrieval(embedder: Embedder, root: str) -> dict[str, float]:
@@ -44,7 +48,7 @@ def random_backbone_rows(name: str, preprocess: dict[str, Any], seeds: list[int]
     """One row per seed: the architecture with its default (torchvision) initialisation, never trained."""
     rows = []
     for seed in seeds:
-        seed_all(seed)
+        seed_everything(seed)
         net = build_backbone(name)
         emb = Embedder(net, preprocess, state_dict_sha256(net.state_dict()), device="cpu", flip=True)
         rows.append({"model": f"{name}, random init (seed {seed})", "test_size": _size(preprocess)})

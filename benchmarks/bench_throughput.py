@@ -1,6 +1,6 @@
 """Training and feature-extraction throughput on this machine.
 
-1. **Our loop vs a minimal reference loop** (:func:`benchmarks.common.reference_loop`: lightly's loss and EMA
+1. **Our loop vs a minimal reference loop** (:func:`benchmarks.reference_loop.reference_loop`: lightly's loss and EMA
    helpers, our model, data and optimizer) on the identical config, in one process, alternating: steady-state
    training img/s (steps after ``--warmup``), and the ratio ours / reference. BYOL and SimCLR compare like
    with like (both loops run each view through the network once); the truncated triplet is timed in our
@@ -16,9 +16,9 @@
 Default: the CPU demo's input (PETS09 crops, resnet18, 64x32, batch 64, 2 loader workers), on CUDA when one
 is available. Writes ``benchmarks/results/throughput.json`` and ``throughput.png``.
 
-    python benchmarks/bench_throughput.py                         # ~15 min on 2 cores
-    python benchmarks/bench_throughput.py --dataset fashion-mnist --size 32
-    python benchmarks/bench_throughput.py --smoke
+    python -m benchmarks.bench_throughput                         # ~15 min on 2 cores
+    python -m benchmarks.bench_throughput --dataset fashion-mnist --size 32
+    python -m benchmarks.bench_throughput --smoke
 """
 
 from __future__ import annotations
@@ -35,19 +35,18 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common
+from benchmarks import machine, plots, presets, reference_loop, report, stats
 from reid_ssl.config import Config
+from reid_ssl.fileio import write_json
 
 
-def ensure_steps(p: common.Preset, steps: int) -> common.Preset:
+def ensure_steps(p: presets.Preset, steps: int) -> presets.Preset:
     """``p`` with enough epochs (and, on Fashion-MNIST, a subset of exactly one epoch) for ``steps`` steps."""
-    from reid_ssl.data.ssl_sources import pets09_source
+    from reid_ssl.data.ssl_sources import bags_source
 
     if p.dataset == "fashion-mnist":
         p = replace(p, subset=p.batch_size * max(steps, 2))
-    n = p.subset or len(pets09_source(Path(p.root)))
+    n = p.subset or len(bags_source(Path(p.root), "reid_ssl prepare pets09 --fetch"))
     per_epoch = max(1, n // p.batch_size)
     return replace(p, epochs=max(1, math.ceil(steps / per_epoch)))
 
@@ -58,13 +57,13 @@ def time_ours(cfg: Config, warmup: int) -> dict[str, Any]:
     from reid_ssl.train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="reid_ssl_tput_") as tmp:
-        cfg = common.with_overrides(cfg, [f"train.out_dir={tmp}", "train.log_every_steps=1"])
+        cfg = presets.with_overrides(cfg, [f"train.out_dir={tmp}", "train.log_every_steps=1"])
         t0, p0 = time.time(), time.perf_counter()
         train(cfg, progress=False)
         wall = time.perf_counter() - p0
         ends = [r["time"] - t0 for r in read_metrics(Path(tmp) / "metrics.jsonl") if "loss" in r]
     return {
-        "img_per_s": common.steady_rate(ends, cfg.train.batch_size, warmup),
+        "img_per_s": stats.steady_rate(ends, cfg.train.batch_size, warmup),
         "first_step_s": ends[0] if ends else None,
         "wall_s": wall,
         "steps": len(ends),
@@ -74,12 +73,12 @@ def time_ours(cfg: Config, warmup: int) -> dict[str, Any]:
 def time_reference(cfg: Config, warmup: int) -> dict[str, Any]:
     """The reference loop on ``cfg``: steady img/s and the data-wait fraction of the steady window."""
     p0 = time.perf_counter()
-    ref = common.reference_loop(cfg, max_steps=cfg.train.max_steps)
+    ref = reference_loop.reference_loop(cfg, max_steps=cfg.train.max_steps)
     wall = time.perf_counter() - p0
     ends, waits = ref["step_end"], ref["data_wait"]
     window = ends[-1] - ends[warmup] if len(ends) > warmup + 1 else math.nan
     return {
-        "img_per_s": common.steady_rate(ends, cfg.train.batch_size, warmup),
+        "img_per_s": stats.steady_rate(ends, cfg.train.batch_size, warmup),
         "data_wait_fraction": sum(waits[warmup + 1 :]) / window if window > 0 else None,
         "first_step_s": ends[0] if ends else None,
         "wall_s": wall,
@@ -91,8 +90,8 @@ def time_loader(cfg: Config, batches: int) -> float:
     """Images per second of the training data loader alone (two augmented views per image)."""
     from torch.utils.data import DataLoader
 
-    from reid_ssl.data.sampler import EpochSampler
     from reid_ssl.data.augment import two_view_dataset
+    from reid_ssl.data.sampler import EpochSampler
 
     dataset = two_view_dataset(cfg.data, cfg.augment)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, 0)
@@ -111,11 +110,11 @@ def time_loader(cfg: Config, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def loops(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
+def loops(p: presets.Preset, args: argparse.Namespace) -> dict[str, Any]:
     """Section 1: our loop vs the reference loop, alternating, ``--repeats`` times."""
     out: dict[str, Any] = {}
     for method in ("byol", "simclr", "truncated_triplet"):
-        cfg = common.build_config(p, method, 0, [f"train.max_steps={args.warmup + args.steps}"])
+        cfg = presets.build_config(p, method, 0, [f"train.max_steps={args.warmup + args.steps}"])
         ours, ref = [], []
         for _ in range(args.repeats):
             ours.append(time_ours(cfg, args.warmup))
@@ -137,12 +136,12 @@ def loops(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def data_loading(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
+def data_loading(p: presets.Preset, args: argparse.Namespace) -> dict[str, Any]:
     """Section 2: loader workers: reference-loop img/s and data-wait fraction, and loader-only img/s."""
     out: dict[str, Any] = {}
     for workers in args.worker_counts:
         q = replace(p, workers=workers)
-        cfg = common.build_config(q, "byol", 0, [f"train.max_steps={args.warmup + args.steps}"])
+        cfg = presets.build_config(q, "byol", 0, [f"train.max_steps={args.warmup + args.steps}"])
         r = time_reference(cfg, args.warmup)
         r["loader_only_img_per_s"] = time_loader(cfg, max(2, args.steps))
         out[f"workers_{workers}"] = r
@@ -154,7 +153,7 @@ def data_loading(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def flags(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
+def flags(p: presets.Preset, args: argparse.Namespace) -> dict[str, Any]:
     """Section 3: one trainer flag at a time against the same baseline (BYOL)."""
     cuda = torch.cuda.is_available()
     variants: dict[str, list[str]] = {
@@ -169,7 +168,7 @@ def flags(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
         variants["compile"] = ["train.compile=true"]
     out: dict[str, Any] = {}
     for name, extra in variants.items():
-        cfg = common.build_config(p, "byol", 0, [f"train.max_steps={args.warmup + args.steps}", *extra])
+        cfg = presets.build_config(p, "byol", 0, [f"train.max_steps={args.warmup + args.steps}", *extra])
         try:
             out[name] = {"overrides": extra, **time_ours(cfg, args.warmup)}
         except Exception as e:  # a flag this machine cannot use (no compiler, no bf16 kernels) is a result too
@@ -192,7 +191,7 @@ def flags(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def feature_extraction(p: common.Preset, args: argparse.Namespace) -> dict[str, Any]:
+def feature_extraction(p: presets.Preset, args: argparse.Namespace) -> dict[str, Any]:
     """Section 4: Embedder img/s on tensors (flip off/on) and end to end from images (0 and 2 workers)."""
     from reid_ssl.checkpoint import make_preprocess
     from reid_ssl.embedder import Embedder
@@ -231,7 +230,7 @@ def feature_extraction(p: common.Preset, args: argparse.Namespace) -> dict[str, 
     return out
 
 
-def sample_images(p: common.Preset, n: int) -> list[Any]:
+def sample_images(p: presets.Preset, n: int) -> list[Any]:
     """``n`` real images of the dataset: PETS09 gallery files or Fashion-MNIST test images."""
     if p.dataset == "pets09":
         from reid_ssl.data.datasets import load_split
@@ -261,7 +260,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             labels.append(f"ours byol, {name}")
             means.append(r["img_per_s"])
     s = result["settings"]
-    return common.plot_bars(
+    return plots.plot_bars(
         path,
         labels,
         means,
@@ -274,17 +273,17 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a few steps on tiny inputs, no compile (CI)")
-    ap.add_argument("--out", type=Path, default=common.default_out("throughput"), help="JSON output")
+    ap.add_argument("--out", type=Path, default=report.default_out("throughput"), help="JSON output")
     ap.add_argument("--dataset", default=None, help="pets09 (default; smoke: fashion-mnist) or fashion-mnist")
     ap.add_argument("--warmup", type=int, help="steps before the timed window (default 3; smoke 1)")
     ap.add_argument("--steps", type=int, help="timed steps (default 20; smoke 2)")
     ap.add_argument("--repeats", type=int, help="alternating repeats of ours / reference (default 2; smoke 1)")
-    ap.add_argument("--worker-counts", type=common.parse_ints, help="loader workers to try (default 0,1,2)")
+    ap.add_argument("--worker-counts", type=presets.parse_ints, help="loader workers to try (default 0,1,2)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (always skipped with --smoke)")
     ap.add_argument("--embed-batch", type=int, help="feature-extraction batch (default 128; smoke 16)")
     ap.add_argument("--embed-batches", type=int, help="timed tensor batches (default 10; smoke 2)")
     ap.add_argument("--embed-images", type=int, help="images embedded end to end (default 1024; smoke 48)")
-    common.add_preset_args(ap, runs=False)
+    presets.add_preset_args(ap, runs=False)
     args = ap.parse_args(argv)
     smoke = args.smoke
     defaults = {
@@ -301,17 +300,17 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, small if smoke else full)
     args.no_compile = args.no_compile or smoke
     dataset = args.dataset or ("fashion-mnist" if smoke else "pets09")
-    missing = common.dataset_available(dataset)
+    missing = presets.dataset_available(dataset)
     if missing:
         ap.error(missing)
-    threads = common.set_threads(args.threads or (1 if smoke else None))
-    p = common.preset(dataset, smoke)
+    threads = machine.set_threads(args.threads or (1 if smoke else None))
+    p = presets.preset(dataset, smoke)
     if dataset == "pets09" and not smoke:
         p = replace(p, size=(64, 32), workers=2)  # the CPU demo (configs/pets09_r18_cpu.yaml) minus multires
-    p = ensure_steps(common.apply_preset_args(p, args), args.warmup + args.steps)
+    p = ensure_steps(presets.apply_preset_args(p, args), args.warmup + args.steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    result = common.header("throughput", smoke)
+    result = report.header("throughput", smoke)
     result["settings"] = {
         "dataset": dataset,
         "size": list(p.size),
@@ -330,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     result["data_loading"] = data_loading(p, args)
     result["flags"] = flags(p, args)
     result["feature_extraction"] = feature_extraction(p, args)
-    result["plot"] = str(plot(result, common.png_path(args.out)))
-    common.write_json(args.out, common.finish(result, t))
+    result["plot"] = str(plot(result, report.png_path(args.out)))
+    write_json(args.out, report.finish(result, t))
     print(f"wrote {args.out}")
     return 0
 

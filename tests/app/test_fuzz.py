@@ -28,7 +28,7 @@ SHAPES = {
     "1xN": ((1, 300), False),
     "Nx1": ((300, 1), False),
     "below-hog-width": ((42, 86), False),  # 42 * 1.5 = 63 < 64
-    "at-hog-minimum": ((43, 86), True),
+    "at-hog-minimum": ((43, 85), True),  # 85 * 1.5 = 127.5, rounded to the window's 128
     "below-hog-height": ((43, 84), False),  # 84 * 1.5 = 126 < 128
     "tall-below-hog-width": ((63, 800), False),  # from 800 px high there is no upscale
     "tall-at-hog-minimum": ((64, 800), True),

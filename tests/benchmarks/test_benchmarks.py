@@ -1,12 +1,14 @@
 """The benchmark scripts' ``--smoke`` modes end to end, and the pure helpers they share.
 
-Each script runs in its own subprocess (single-threaded in smoke mode); all four start together, so the module
-takes about as long as the slowest one plus the CPU they share (~1 min on 2 cores). Each test then checks
+Each script runs as ``python -m benchmarks.bench_<name>`` from the repository root, in its own subprocess
+(single-threaded in smoke mode); the four training benchmarks start together, so the module takes about as long
+as the slowest one plus the CPU they share (~1 min on 2 quiet cores). Each test then checks
 the JSON its script wrote: the expected keys, finite numbers, and the PNG next to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,14 +20,14 @@ from typing import Any
 
 import pytest
 
+from benchmarks import machine, presets, stats
+from reid_ssl.config import to_dict
+from reid_ssl.fileio import write_json
 
-
-from benchmarks import common
-
-REPO = common.REPO
-HAVE_PETS09 = common.dataset_available("pets09") is None
-HAVE_FASHION = common.dataset_available("fashion-mnist") is None
-HAVE_LIGHTLY = common.package_version("lightly") is not None
+REPO = machine.REPO
+HAVE_PETS09 = presets.dataset_available("pets09") is None
+HAVE_FASHION = presets.dataset_available("fashion-mnist") is None
+HAVE_LIGHTLY = machine.package_version("lightly") is not None
 # Keys whose value may be null: no GPU / package, or a curve that never reaches BYOL's final accuracy.
 NULLABLE = {"gpu", "lightly", "mean_curve", "per_seed"}
 SMOKE_TIMEOUT_S = 300
@@ -38,7 +40,11 @@ def _scripts() -> dict[str, list[str]]:
         "ablations": [],
         "peer_lightly": [],
         "throughput": [],
+        "learning_efficiency": ["--datasets", datasets],
+        "ceiling": [],
     }
+    if HAVE_PETS09:
+        scripts["precision"] = []
     if not HAVE_LIGHTLY:
         del scripts["peer_lightly"], scripts["throughput"]
     return scripts
@@ -48,13 +54,13 @@ def _scripts() -> dict[str, list[str]]:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
     """Start every script's smoke mode at once; yields name -> (process, JSON path)."""
     if not HAVE_FASHION:
-        pytest.skip(common.dataset_available("fashion-mnist"))
+        pytest.skip(presets.dataset_available("fashion-mnist"))
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     procs = {}
     for name, extra in _scripts().items():
         out = tmp / f"{name}.json"
-        cmd = [sys.executable, str(REPO / "benchmarks" / f"bench_{name}.py"), "--smoke", "--out", str(out), *extra]
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--smoke", "--out", str(out), *extra]
         log = (tmp / f"{name}.log").open("w")
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out)
     yield procs
@@ -74,7 +80,7 @@ def result_of(smoke: dict[str, tuple[subprocess.Popen, Path]], name: str) -> dic
     result = json.loads(out.read_text())
     assert result["benchmark"] == name and result["smoke"] is True
     assert {"cpu", "cores_available", "torch", "load_average_1_5_15"} <= set(result["machine"])
-    assert result["date"] and result["command"].startswith("python benchmarks/bench_")
+    assert result["date"] and result["command"].startswith(f"python -m benchmarks.bench_{name} --smoke")
     assert_finite(result)
     return result
 
@@ -184,6 +190,110 @@ def test_throughput_smoke(smoke):
     assert Path(r["plot"]).is_file()
 
 
+@pytest.mark.slow
+def test_ceiling_smoke(smoke):
+    r = result_of(smoke, "ceiling")
+    assert set(r["configs"]) == {"cpu_default", "cpu_default_bf16", "paper_r50_small"}
+    for c in r["configs"].values():
+        assert len(c["ratio"]) == 1 and len(c["ceiling"]) == 2 and c["ratio_min"] == c["ratio_max"] > 0
+        real = c["real"][0]
+        assert real["img_per_s"] > 0 and real["cpu_s"]["main_process"] > 0 and real["cpu_s"]["loader_workers"] >= 0
+    assert r["configs"]["paper_r50_small"]["overrides"]["backbone"] == "resnet50"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_PETS09, reason="PETS09 crops not built (make data)")
+def test_precision_smoke(smoke):
+    r = result_of(smoke, "precision")
+    assert set(r["precisions"]) == {"none", "bf16"}
+    for m in ("rank1", "mAP"):
+        d = r["bf16_minus_fp32"][m]
+        assert len(d["per_seed"]) == 1
+        fp32, bf16 = (r["precisions"][a]["final"][m]["mean"] for a in ("none", "bf16"))
+        assert d["mean"] == pytest.approx(bf16 - fp32)
+    assert r["precisions"]["bf16"]["runs"][0]["epochs"] == [0, 1, 2] and Path(r["plot"]).is_file()
+
+
+@pytest.mark.slow
+def test_learning_efficiency_smoke(smoke):
+    r = result_of(smoke, "learning_efficiency")
+    expected = {"fashion-mnist": "linear_top1"} | ({"pets09": "mAP"} if HAVE_PETS09 else {})
+    assert set(r["datasets"]) == set(expected)
+    for dataset, primary in expected.items():
+        d = r["datasets"][dataset]
+        assert d["protocol"]["primary"] == primary and Path(d["plot"]).stat().st_size > 5000
+        assert d["floors"]["untrained"][primary]["n"] == 2 and 0 < d["floors"]["raw_pixels"][primary] <= 1
+        assert set(d["pilot"]["chosen_lr"]) == {"byol", "tt", "tt_auto", "byol_2x"}
+        assert d["pilot"]["chosen_lr"]["byol_2x"] == 2 * d["pilot"]["chosen_lr"]["byol"]
+        assert set(d["arms"]) == {"byol", "tt", "tt_auto", "byol_2x"}
+        for arm in d["arms"].values():
+            assert arm["curves"][primary]["epochs"] == [0, 2, 4]  # steps 0 (untrained), then every 2 steps
+        k_rule = d["arms"]["tt_auto"]["runs"][0]["k_rule"]
+        assert k_rule["k"] == "auto" and k_rule["k_lo"] > 2  # 23 negatives: the rule moves the window up
+        for key in ("tt_vs_byol", "tt_auto_vs_byol", "tt_vs_byol_2x", "tt_auto_vs_byol_2x"):
+            v = d["verdicts"][f"{key}_{primary}"]
+            assert v["verdict"] in ("holds", "does not hold", "no semantic learning yet")
+            assert v["verdict"] != "holds" or (v["R1"] and v["R2"] and v["R3"] and v["passes_raw_pixels"])
+
+
+def test_decision_rule_on_made_up_curves():
+    """R1 (reach the reference's final within the bound), R2 (every seed ends higher), R3 (every seed's area)."""
+    from benchmarks.bench_learning_efficiency import verdict
+
+    def run(seed, values):
+        return {"seed": seed, "steps": [0, 100, 200, 300], "metrics": {"m": values}}
+
+    byol = [run(0, [0.5, 0.55, 0.6, 0.62]), run(1, [0.5, 0.54, 0.58, 0.6])]
+    fast = [run(0, [0.5, 0.62, 0.66, 0.68]), run(1, [0.5, 0.6, 0.64, 0.66])]
+    v = verdict(fast, byol, "m", bound=200, raw=0.6)
+    assert v["R1_first_step_reaching_reference_final"] == 100 and v["R1"] and v["R2"] and v["R3"]
+    assert v["verdict"] == "holds"
+    assert verdict(fast, byol, "m", bound=200, raw=0.7)["verdict"] == "no semantic learning yet"
+    late = [run(0, [0.5, 0.5, 0.55, 0.7]), run(1, [0.5, 0.5, 0.55, 0.7])]  # ends higher, but late and less area
+    v = verdict(late, byol, "m", bound=200, raw=0.6)
+    assert v["R2"] and not v["R1"] and not v["R3"] and v["verdict"] == "does not hold"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["evaluator", "index"])
+def test_search_benchmarks_smoke(tmp_path, name):
+    """The evaluator and FAISS benchmarks run as modules from the repository root and write the shared header."""
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and result["smoke"] is True and result["date"]
+    assert result["command"] == f"python -m benchmarks.bench_{name} --smoke --out {out}"
+    assert {"cpu", "cores_available", "torch", "load_average_1_5_15", "load_average_end"} <= set(result["machine"])
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """The GPU check's every part runs on the CPU at tiny sizes; the CUDA-only pieces say that they did not run."""
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--cpu-dry-run", "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the same on a machine with a GPU
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "gpu_check" and r["smoke"] is True and r["all_ok"] is True and r["gpus"] == []
+    parts = r["parts"]
+    assert all(parts[p]["ran"] and parts[p]["ok"] for p in ("amp", "triplet", "eval_faiss", "ddp"))
+    assert set(parts["amp"]["ceiling"]) == {"fp32", "bf16"} and parts["amp"]["ratio"] > 0
+    assert set(parts["amp"]["not_run"]) == {"fp16_scaler", "compile"}
+    assert parts["ddp"]["backend"] == "gloo" and "NCCL" in parts["ddp"]["note"]
+    assert parts["eval_faiss"]["max_abs_diff_vs_cpu"] < 2e-3
+    assert "not installed" in parts["eval_faiss"]["not_run"]["faiss_gpu"]
+    assert "cpu dry run" in done.stdout and "CUDA only" in done.stdout  # it says what ran and what did not
+
+
+def test_no_benchmark_edits_sys_path():
+    """The benchmarks are a package run with ``python -m``: no script may patch the import path."""
+    offenders = [p.name for p in (REPO / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
+    assert offenders == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -196,7 +306,7 @@ def test_pets09_default_smoke(tmp_path):
 
     ckpt = write_checkpoint(tmp_path / "c.pt", height=64, width=32, seed=7)
     out = tmp_path / "pets09.json"
-    cmd = [sys.executable, str(REPO / "benchmarks/bench_pets09_default.py"), "--smoke", "--checkpoint", str(ckpt)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_pets09_default", "--smoke", "--checkpoint", str(ckpt)]
     done = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
@@ -210,38 +320,38 @@ def test_pets09_default_smoke(tmp_path):
 
 
 def test_mean_spread_uses_the_sample_std_and_ignores_missing_values():
-    s = common.mean_spread([0.5, 0.7, None, float("nan")])
+    s = stats.mean_spread([0.5, 0.7, None, float("nan")])
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(math.sqrt(0.02)) and s["n"] == 2
-    assert common.mean_spread([0.3])["std"] == 0.0
-    assert common.mean_spread([])["mean"] is None
+    assert stats.mean_spread([0.3])["std"] == 0.0
+    assert stats.mean_spread([])["mean"] is None
 
 
 def test_first_epoch_reaching():
-    assert common.first_epoch_reaching([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.6], 0.45) == 1
-    assert common.first_epoch_reaching([0, 1, 2], [0.1, None, 0.2], 0.3) is None
+    assert stats.first_epoch_reaching([0, 1, 2, 3], [0.1, 0.5, 0.4, 0.6], 0.45) == 1
+    assert stats.first_epoch_reaching([0, 1, 2], [0.1, None, 0.2], 0.3) is None
     # the untrained network (epoch 0) reaching the threshold does not count as reaching it by training
-    assert common.first_epoch_reaching([0, 1, 2, 3], [0.8, 0.6, 0.7, 0.75], 0.7) == 2
+    assert stats.first_epoch_reaching([0, 1, 2, 3], [0.8, 0.6, 0.7, 0.75], 0.7) == 2
 
 
 def test_curve_summary_per_epoch():
-    c = common.curve_summary([0, 1], [[0.1, 0.3], [0.3, 0.5]])
+    c = stats.curve_summary([0, 1], [[0.1, 0.3], [0.3, 0.5]])
     assert c["mean"] == pytest.approx([0.2, 0.4]) and c["min"] == [0.1, 0.3] and c["max"] == [0.3, 0.5]
 
 
 def test_jsonable_writes_strict_json(tmp_path):
     import numpy as np
 
-    path = common.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": (1, np.int64(2))})
+    path = write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": (1, np.int64(2))})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": None, "c": [1, 2]}
 
 
 def test_parse_size():
-    assert common.parse_size("32") == (32, 32) and common.parse_size("128x64") == (128, 64)
+    assert presets.parse_size("32") == (32, 32) and presets.parse_size("128x64") == (128, 64)
 
 
 def test_methods_share_everything_but_the_loss():
-    p = common.preset("fashion-mnist")
-    configs = {m: common.to_dict(common.build_config(p, m, 3)) for m in common.METHODS}
+    p = presets.preset("fashion-mnist")
+    configs = {m: to_dict(presets.build_config(p, m, 3)) for m in presets.METHODS}
     for m, cfg in configs.items():
         assert cfg["data"] == configs["byol"]["data"] and cfg["optim"] == configs["byol"]["optim"]
         assert cfg["model"]["backbone"] == "resnet18" and cfg["train"]["seed"] == 3, m
@@ -251,5 +361,35 @@ def test_methods_share_everything_but_the_loss():
 
 
 def test_steady_rate_skips_the_warmup_steps():
-    assert common.steady_rate([5.0, 6.0, 7.0, 8.0], batch=10, warmup=1) == pytest.approx(10.0)
-    assert common.steady_rate([1.0], batch=10, warmup=1) is None
+    assert stats.steady_rate([5.0, 6.0, 7.0, 8.0], batch=10, warmup=1) == pytest.approx(10.0)
+    assert stats.steady_rate([1.0], batch=10, warmup=1) is None
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST not installed")
+def test_scores_every_n_steps_leave_training_bit_identical(tmp_path):
+    """``stepwise.score_on_save`` scores each checkpoint before it is written and restores every RNG after."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from benchmarks import stepwise
+    from reid_ssl.checkpoint import load_checkpoint
+    from reid_ssl.train.loop import train
+
+    def noisy_monitor(embedder):  # draws from every RNG the trainer uses, as a careless monitor might
+        return {"draw": float(torch.rand(1)) + random.random() + float(np.random.rand()), "dim": embedder.feature_dim}
+
+    states = []
+    for scored in (False, True):
+        p = presets.preset("fashion-mnist", smoke=True)
+        cfg = presets.build_config(p, "truncated_triplet", 0, ["train.checkpoint_every_steps=2", "train.max_steps=4"])
+        out = tmp_path / f"scored_{scored}"
+        cfg = presets.with_overrides(cfg, [f"train.out_dir={out}", "train.checkpoint_every_epochs=0"])
+        with stepwise.score_on_save(noisy_monitor, out / "scores.jsonl") if scored else contextlib.nullcontext():
+            train(cfg, progress=False)
+        states.append(load_checkpoint(out / "checkpoint.pt"))
+    assert states[0]["backbone"]["sha256"] == states[1]["backbone"]["sha256"]
+    assert all(torch.equal(v, states[1]["model"][k]) for k, v in states[0]["model"].items())
+    scores = stepwise.read_scores(tmp_path / "scored_True" / "scores.jsonl")
+    assert sorted(scores) == [2, 4] and scores[4]["dim"] == 512

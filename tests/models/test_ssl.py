@@ -22,8 +22,23 @@ def test_every_backbone_gives_pooled_features(name):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 64, 32))
     assert out.shape == (2, net.feature_dim)
-    torchvision_names = set(getattr(torchvision.models, name.split("_")[0])(weights=None).state_dict())
-    assert set(net.state_dict()) <= torchvision_names  # loads into torchvision / torchreid without renaming
+    assert set(net.state_dict()) <= reference_names(name)  # loads into torchvision / torchreid / timm unrenamed
+
+
+def reference_names(name: str) -> set[str]:
+    """Parameter names of the same architecture as its home library builds it."""
+    spec = BACKBONES[name]
+    if spec.torchreid_arch is not None:
+        from reid_ssl.data.torchreid_bridge import import_torchreid
+
+        net = import_torchreid().models.build_model(spec.torchreid_arch, num_classes=1, pretrained=False)
+    elif name.startswith("vit_"):
+        import timm
+
+        net = timm.create_model(f"{name}_224", pretrained=False, num_classes=0)
+    else:
+        net = getattr(torchvision.models, name.split("_")[0])(weights=None)
+    return set(net.state_dict())
 
 
 def test_unknown_backbone_lists_choices():

@@ -162,9 +162,9 @@ class HOGDetector:
         frame = check_frame(frame)
         height, width = frame.shape[:2]
         f = self.factor(height, width)
-        sw, sh = math.floor(width * f), math.floor(height * f)
+        sw, sh = int(width * f + 0.5), int(height * f + 0.5)  # rounded half up, as the resize target
         if sw < HOG_WINDOW[0] or sh < HOG_WINDOW[1]:
-            need_w, need_h = (math.ceil(v / f) for v in HOG_WINDOW)
+            need_w, need_h = (math.ceil((v - 0.5) / f) for v in HOG_WINDOW)
             raise InputError(
                 f"frame too small to detect people: {width}x{height} (min {need_w}x{need_h} here; the HOG "
                 f"detector's window is {HOG_WINDOW[0]}x{HOG_WINDOW[1]})"

@@ -44,20 +44,20 @@ def test_clip_box() -> None:
     assert clip_box((100, 0, 5, 5), 100, 50) is None
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 500, 3), (500, 1, 3), (64, 32, 3), (85, 42, 3), (85, 43, 3), (40, 400, 3), (400, 20, 3)])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 500, 3), (500, 1, 3), (64, 32, 3), (85, 42, 3), (84, 43, 3), (40, 400, 3), (400, 20, 3)])
 def test_frames_below_the_hog_window_are_refused_not_crashed(shape) -> None:
     """OpenCV's HOG corrupts memory on frames smaller than its 64x128 window (frames under 800 px are upscaled
-    1.5x first, so the smallest usable frame is 43x86)."""
+    1.5x first and sizes are rounded, so the smallest usable frame is 43x85)."""
     with pytest.raises(InputError, match="frame too small to detect people"):
         HOGDetector()(np.zeros(shape, np.uint8))
-    assert HOGDetector()(np.zeros((86, 43, 3), np.uint8)) == []  # just above: runs, finds nobody
+    assert HOGDetector()(np.zeros((85, 43, 3), np.uint8)) == []  # at the minimum: runs, finds nobody
     assert HOGDetector()(np.zeros((130, 3000, 3), np.uint8)) == []  # very wide: capped at 4000 px, still runs
 
 
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
-        (np.zeros((64, 32, 3), np.uint8), r"frame too small to detect people: 32x64 \(min 43x86"),  # the issue's
+        (np.zeros((64, 32, 3), np.uint8), r"frame too small to detect people: 32x64 \(min 43x85"),  # the issue's
         (np.zeros((1, 1, 3), np.uint8), "frame too small to detect people: 1x1"),
         (np.zeros((85, 42, 3), np.uint8), "frame too small"),
         (np.zeros((2000, 10, 3), np.uint8), "frame too small"),
@@ -70,6 +70,13 @@ def test_frames_below_the_hog_window_are_refused_not_crashed(shape) -> None:
 def test_hog_refuses_frames_opencv_would_crash_on(frame, message):
     with pytest.raises(InputError, match=message):
         HOGDetector()(frame)
+
+
+def test_shrinking_a_huge_frame_keeps_a_window_high_side():
+    """4001x128 is shrunk by 4000/4001 to fit max_side: its 127.97 px height rounds to the window's 128."""
+    assert HOGDetector()(np.zeros((128, 4001, 3), np.uint8)) == []
+    with pytest.raises(InputError, match=r"4001x127 \(min 64x128"):
+        HOGDetector()(np.zeros((127, 4001, 3), np.uint8))
 
 
 def test_hog_takes_frames_just_above_its_minimum_and_strided_views():
