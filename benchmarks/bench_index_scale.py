@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "benchmarks.bench_index_scale", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
-    from benchmarks.common import default_out, finish, header, png_path
+    from benchmarks.report import default_out, finish, header, png_path
     from reid_ssl.fileio import write_json
 
     started = time.perf_counter()
