@@ -34,13 +34,17 @@ PILOT_STEPS = 12
 def pilot(backbone: str, root: str, work: Path, threads: int, recipe: list[str]) -> float:
     """Training img/s of ``backbone`` over a few steps (the first two excluded by the loop's own rate)."""
     out = work / "pilot" / backbone
-    summary = train_run(out, [*recipe, f"model.backbone={backbone}", f"train.max_steps={PILOT_STEPS}",
-                              "train.eval_dataset=", "train.checkpoint_every_steps=1000"], 0, root, threads)  # fmt: skip
+    steps = [f"model.backbone={backbone}", f"train.max_steps={PILOT_STEPS}"]
+    summary = train_run(
+        out, [*recipe, *steps, "train.eval_dataset=", "train.checkpoint_every_steps=1000"], 0, root, threads
+    )
     return float(summary["images_per_second"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backbones", default=",".join(BACKBONES))
     p.add_argument("--budget", type=float, default=480.0, help="training seconds per run (default 480)")
     p.add_argument("--seeds", default="0,1,2")
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     result = header("backbones", False)
     result.update(budget_s=args.budget, seeds=seeds, recipe=recipe, pilot_img_per_s=rates, table=table, rows=rows.all())
     write_json(Path(args.out) if args.out else default_out("backbones"), finish(result, started))
-    print(markdown_table(table, ["backbone", "split", "model", "seeds", "images", "rank1", "rank1_sd", "mAP", "mAP_sd"]))
+    print(
+        markdown_table(table, ["backbone", "split", "model", "seeds", "images", "rank1", "rank1_sd", "mAP", "mAP_sd"])
+    )
     return 0
 
 
@@ -88,17 +94,26 @@ def summarise(rows: list[dict[str, Any]], names: list[str], budget: float) -> li
     """Mean and standard deviation over seeds per backbone, split and model (trained / untrained)."""
     table = []
     for name in names:
-        images = [r["steps"] * 64 for r in rows if r["kind"] == "train" and r["backbone"] == name and r["budget"] == budget]
+        images = [
+            r["steps"] * 64 for r in rows if r["kind"] == "train" and r["backbone"] == name and r["budget"] == budget
+        ]
         for split in ("pets09-val", "pets09"):
             for model in ("trained", "untrained"):
-                rs = [r for r in rows if r["kind"] == "score" and r["backbone"] == name and r["split"] == split and r["model"] == model]
+                rs = [
+                    r
+                    for r in rows
+                    if r["kind"] == "score" and r["backbone"] == name and r["split"] == split and r["model"] == model
+                ]
                 if not rs:
                     continue
                 row: dict[str, Any] = {"backbone": name, "split": split, "model": model, "seeds": len(rs),
                                        "images": images[0] if images and model == "trained" else None}  # fmt: skip
                 for m in ("rank1", "mAP"):
                     values = [r[m] for r in rs]
-                    row[m], row[f"{m}_sd"] = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+                    row[m], row[f"{m}_sd"] = (
+                        statistics.fmean(values),
+                        statistics.stdev(values) if len(values) > 1 else None,
+                    )
                 table.append(row)
     return table
 

@@ -157,7 +157,16 @@ def run_floors(rows: Rows, root: str, seeds: list[int]) -> None:
             for size in TEST_SIZES:
                 if rows.find(kind="score", split=split, candidate="untrained", seed=seed, size=list(size)) is None:
                     s = score(None, split, root, size, seed)
-                    rows.add({"kind": "score", "split": split, "candidate": "untrained", "seed": seed, "size": list(size), **s})
+                    rows.add(
+                        {
+                            "kind": "score",
+                            "split": split,
+                            "candidate": "untrained",
+                            "seed": seed,
+                            "size": list(size),
+                            **s,
+                        }
+                    )
         if rows.find(kind="score", split=split, candidate="histogram") is None:
             h = histogram_baseline(Path(root) / folder)
             rows.add({"kind": "score", "split": split, "candidate": "histogram", "seed": None, "size": None,
@@ -206,7 +215,9 @@ def acceptance(test: list[dict[str, Any]], chosen: dict[str, Any]) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("stage", choices=["screen", "confirm", "floors", "test", "report"])
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated (screen, confirm)")
     p.add_argument("--seeds", default=None, help="comma-separated (default: screen 0,1; confirm 2; floors 0-5)")
@@ -236,9 +247,21 @@ def main(argv: list[str] | None = None) -> int:
             p.error("no candidate has 3 seeds on the validation split yet: run `confirm` first")
         size = tuple(int(v) for v in chosen["size"].split("x"))
         for r in [r for r in rows.all() if r["kind"] == "train" and r["candidate"] == chosen["candidate"]]:
-            if rows.find(kind="score", split="pets09", candidate=r["candidate"], seed=r["seed"], size=list(size)) is None:
+            if (
+                rows.find(kind="score", split="pets09", candidate=r["candidate"], seed=r["seed"], size=list(size))
+                is None
+            ):
                 s = score(r["checkpoint"], "pets09", args.root, size)
-                rows.add({"kind": "score", "split": "pets09", "candidate": r["candidate"], "seed": r["seed"], "size": list(size), **s})
+                rows.add(
+                    {
+                        "kind": "score",
+                        "split": "pets09",
+                        "candidate": r["candidate"],
+                        "seed": r["seed"],
+                        "size": list(size),
+                        **s,
+                    }
+                )
     else:
         report(rows, args.out)
     return 0
@@ -250,11 +273,13 @@ def report(rows: Rows, out: str | None) -> None:
     val, test = summarise(everything, "pets09-val"), summarise(everything, "pets09")
     chosen = choose(val)
     trainings = [r for r in everything if r["kind"] == "train"]
+    tested = chosen is not None and any(r["candidate"] == chosen["candidate"] for r in test)
+    keys = ("candidate", "seed", "wall_s", "images_per_second", "seconds", "steps")
     result = header("recipe", False)
     result.update(
         protocol=__doc__, candidates=CANDIDATES, validation=val, test=test, chosen=chosen,
-        acceptance=acceptance(test, chosen) if chosen and any(r["candidate"] == chosen["candidate"] for r in test) else None,
-        trainings=[{k: r.get(k) for k in ("candidate", "seed", "wall_s", "images_per_second", "seconds", "steps")} for r in trainings],
+        acceptance=acceptance(test, chosen) if tested else None,
+        trainings=[{k: r.get(k) for k in keys} for r in trainings],
         rows=everything,
     )  # fmt: skip
     path = Path(out) if out else default_out("recipe")

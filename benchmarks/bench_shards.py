@@ -72,7 +72,9 @@ def images_per_second(source: str, root: Path, batches: int, workers: int) -> di
     from reid_ssl.distributed import Dist
     from reid_ssl.train.feed import build_feed
 
-    cfg = load_config(None, [f"data.source={source}", f"data.root={root}", f"data.num_workers={workers}", "train.batch_size=64"])
+    cfg = load_config(
+        None, [f"data.source={source}", f"data.root={root}", f"data.num_workers={workers}", "train.batch_size=64"]
+    )
     t0 = time.perf_counter()
     feed = build_feed(cfg, Dist(), torch.device("cpu"))
     feed.smallest_batch(19)
@@ -92,7 +94,9 @@ def images_per_second(source: str, root: Path, batches: int, workers: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=100_000)
     p.add_argument("--batches", type=int, default=300, help="batches of 64 per measurement (default 300)")
     p.add_argument("--repeats", type=int, default=2)

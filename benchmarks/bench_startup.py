@@ -133,7 +133,9 @@ def measure(variant: str, root: Path, workers: int, batches: int) -> dict[str, A
     else:
         dataset = _ReferenceTwoView(items, view_pair(cfg.data, cfg.augment)[0])
     t_dataset = time.perf_counter() - t0 - t_source
-    loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True)
+    loader = DataLoader(
+        dataset, batch_size=64, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True
+    )
     it = iter(loader)
     next(it)
     t_first = time.perf_counter() - t0
@@ -179,7 +181,9 @@ def _count(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", default="1M,3M,30M", help="listed images for 'after' (default 1M,3M,30M)")
     p.add_argument("--before-sizes", default="1M,3M", help="listed images for 'before' (default 1M,3M)")
     p.add_argument("--workers", type=int, default=2)
@@ -201,7 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ("before", "after"):
             if n in (before_sizes if variant == "before" else sizes):
                 rows.append(_child(variant, root, args.workers, args.batches, timeout=3600))
-                print(json.dumps({k: rows[-1][k] for k in ("variant", "images", "source_s", "first_batch_s", "source_mb", "worker_private_mb")}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            k: rows[-1][k]
+                            for k in (
+                                "variant",
+                                "images",
+                                "source_s",
+                                "first_batch_s",
+                                "source_mb",
+                                "worker_private_mb",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
     rows += _extrapolated(rows, max(sizes))
     result = header("startup", args.smoke)
     result.update(rows=rows, per_bag=PER_BAG, workers=args.workers, batches=args.batches)
@@ -220,7 +239,13 @@ def _extrapolated(rows: list[dict[str, Any]], target: int) -> list[dict[str, Any
     last = max(before, key=lambda r: r["images"])
     f = target / last["images"]
     keys = ("source_s", "first_batch_s", "source_mb", "worker_private_mb", "worker_pss_mb")
-    return [{"variant": "before (extrapolated)", "images": target, **{k: round(last[k] * f, 1) for k in keys if last[k] is not None}}]
+    return [
+        {
+            "variant": "before (extrapolated)",
+            "images": target,
+            **{k: round(last[k] * f, 1) for k in keys if last[k] is not None},
+        }
+    ]
 
 
 if __name__ == "__main__":

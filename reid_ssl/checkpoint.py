@@ -225,7 +225,9 @@ def backbone_state_dict(
     return {k: v for k, v in sd.items() if k in keep or not k.startswith(CLASSIFIER_PREFIXES)}
 
 
-def read_backbone_weights(path: str | Path, expected: Collection[str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def read_backbone_weights(
+    path: str | Path, expected: Collection[str] | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """Backbone weights from a local file: a reid_ssl checkpoint, or a plain state dict (torchvision, timm,
     torchreid's ``{"state_dict": ...}``), read with :func:`safe_torch_load`.
 

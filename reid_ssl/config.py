@@ -162,6 +162,7 @@ class Config:
 # Validation of values that types alone cannot check
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _registry_choices() -> dict[str, tuple[str, ...]]:
     """Plug-in names per config key, read from the registries (imported here: they pull in torch)."""
     from reid_ssl.data.datasets import SSL_SOURCES
@@ -210,7 +211,10 @@ def validate(cfg: Config) -> Config:
             "augment.crop_scale must be 0 < lo <= hi <= 1",
         ),
         (1 <= cfg.loss.k_lo <= cfg.loss.k_hi, "loss.k_lo and loss.k_hi need 1 <= k_lo <= k_hi"),
-        (0 < cfg.loss.k_confidence < 1 and cfg.loss.identities >= 0, "loss.k_confidence in (0, 1), loss.identities >= 0"),
+        (
+            0 < cfg.loss.k_confidence < 1 and cfg.loss.identities >= 0,
+            "loss.k_confidence in (0, 1), loss.identities >= 0",
+        ),
         (cfg.loss.gamma > 0 and cfg.loss.temperature > 0, "loss.gamma and loss.temperature must be > 0"),
         (cfg.optim.lr > 0 and cfg.optim.weight_decay >= 0, "optim.lr must be > 0 and weight_decay >= 0"),
         (

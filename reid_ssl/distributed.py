@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -66,7 +69,7 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        kwargs = {"timeout": timeout} if timeout is not None else {}
+        kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank, world, local_rank, dev.type), dev
@@ -95,10 +98,10 @@ def gather_rows(z: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat([z] + [p for r, p in enumerate(parts) if r != d.rank])
 
 
-def all_values(value: object, d: Dist) -> list[object]:
+def all_values(value: T, d: Dist) -> list[T]:
     """``value`` of every process, in rank order (``[value]`` when alone); a collective."""
     if d.world_size == 1 or not dist.is_initialized():
         return [value]
-    every: list[object] = [None] * d.world_size
+    every: list[Any] = [None] * d.world_size
     dist.all_gather_object(every, value)
     return every

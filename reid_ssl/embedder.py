@@ -29,6 +29,7 @@ from reid_ssl.distributed import resolve_device
 from reid_ssl.errors import CheckpointError, ImageError
 from reid_ssl.images import open_rgb
 from reid_ssl.models import BACKBONES, build_backbone
+from reid_ssl.models.backbones import feature_dim
 
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
 
@@ -97,7 +98,7 @@ class Embedder:
         self.preprocess = dict(preprocess)
         self.flip = flip
         self.transform = eval_transform(preprocess)
-        self.feature_dim: int = backbone.feature_dim
+        self.feature_dim: int = feature_dim(backbone)
         blob = json.dumps({"backbone": backbone_sha256, "preprocess": self.preprocess, "flip": flip}, sort_keys=True)
         self.fingerprint: str = hashlib.sha256(blob.encode()).hexdigest()
 

@@ -17,6 +17,7 @@ class ReidSslError(Exception):
     """Base class: bad input from the user, with a message that says what is wrong and how to fix it."""
 
     exit_code = 2  # the command line's exit code for this error
+
     def __str__(self) -> str:  # KeyError would quote its message; every subclass reads as plain text
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
@@ -57,6 +58,7 @@ class TrainingError(ReidSslError, RuntimeError):
     """Training cannot go on (bad images with ``data.bad_images=fail``, a diverged loss...): the run failed."""
 
     exit_code = 1
+
 
 class IndexFormatError(ReidSslError, ValueError):
     """A folder that is not a usable reid_ssl index (missing, wrong format, damaged)."""

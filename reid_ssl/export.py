@@ -33,7 +33,9 @@ def _checkpoint_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, An
     return dict(checkpoint)
 
 
-def build_torchreid_model(checkpoint: str | Path | Mapping[str, Any], num_classes: int = 1, loss: str = "softmax") -> Any:
+def build_torchreid_model(
+    checkpoint: str | Path | Mapping[str, Any], num_classes: int = 1, loss: str = "softmax"
+) -> Any:
     """The torchreid model of the checkpoint's architecture, carrying its weights.
 
     ``torchreid.models.build_model(arch, num_classes, loss, pretrained=False)`` with the backbone's
@@ -61,7 +63,9 @@ def build_torchreid_model(checkpoint: str | Path | Mapping[str, Any], num_classe
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"checkpoint weights do not fit torchreid's {arch}: {' '.join(str(e).split())[:300]}") from None
+        raise CheckpointError(
+            f"checkpoint weights do not fit torchreid's {arch}: {' '.join(str(e).split())[:300]}"
+        ) from None
     missing = [k for k in missing if not k.startswith("classifier.")]
     if missing or unexpected:
         raise CheckpointError(

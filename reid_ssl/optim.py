@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import overload
 
 import torch
 from torch import nn
@@ -30,7 +31,10 @@ def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> floa
 def warmup_cosine_lr(
     step: int, max_steps: int, base_lr: float, warmup_steps: int, warmup_start_factor: float = 1e-4
 ) -> float:
-    """Linear warm-up from ``base_lr * warmup_start_factor`` to ``base_lr``, then cosine to 0 (docs/method.md, "Optimisation in the paper's configuration")."""
+    """Linear warm-up from ``base_lr * warmup_start_factor`` to ``base_lr``, then cosine to 0.
+
+    Source: docs/method.md, "Optimisation in the paper's configuration".
+    """
     if warmup_steps > 0 and step < warmup_steps:
         start = base_lr * warmup_start_factor
         return start + (base_lr - start) * step / warmup_steps
@@ -38,7 +42,9 @@ def warmup_cosine_lr(
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling, as in the reference code (docs/method.md, "Optimisation in the paper's configuration").
+    """SGD with momentum and layer-wise adaptive rate scaling, as in the reference code.
+
+    Source: docs/method.md, "Optimisation in the paper's configuration".
 
     For a parameter group with ``lars=True``: ``local_lr = eta * ||w|| / (||g|| + wd * ||w||)`` (1 when a norm
     is zero), ``v <- momentum * v + lr * local_lr * (g + wd * w)``, ``w <- w - v``. Groups with ``lars=False``
@@ -59,8 +65,14 @@ class LARS(torch.optim.Optimizer):
             params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars": True}
         )
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             lr, momentum, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
@@ -85,8 +97,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups: weights (decay + LARS adaptation) and BN parameters / biases (neither; docs/method.md, "Optimisation in the paper's configuration")."""
-    decay, no_decay = [], []
+    """Two groups: weights (decay + LARS adaptation) and BN parameters / biases (neither).
+
+    Source: docs/method.md, "Optimisation in the paper's configuration".
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:
@@ -101,7 +117,9 @@ OptimizerFactory = Callable[[list[dict], float, float, float, float], torch.opti
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
 
-@OPTIMIZERS.register("lars", help="LARS (the paper's optimizer): SGD with layer-wise trust ratio; BN and biases excluded")
+@OPTIMIZERS.register(
+    "lars", help="LARS (the paper's optimizer): SGD with layer-wise trust ratio; BN and biases excluded"
+)
 def _lars(groups: list[dict], lr: float, momentum: float, weight_decay: float, trust: float) -> torch.optim.Optimizer:
     return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=trust)
 

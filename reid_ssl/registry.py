@@ -77,7 +77,7 @@ class Registry(Generic[T]):
 
     def help(self, name: str) -> str:
         """The entry's one-line description."""
-        self[name]  # noqa: B018  (raises UnknownNameError for an unknown name)
+        self[name]
         return self._help[name]
 
     def describe(self, where: Callable[[T], bool] | None = None) -> str:

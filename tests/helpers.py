@@ -128,6 +128,7 @@ def write_zip(path: Path, members: dict[str, bytes], symlink: str | None = None)
 # Gallery index (tests/index, tests/cli/test_index.py)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def index_info(dim: int, fingerprint: str = "f" * 64) -> dict:
     """What an index records about its embedder (see ``embedder_info``), for indexes of synthetic features."""
     return {
@@ -237,7 +238,6 @@ def build_market_index(root: Path, **embedder_options: Any) -> MarketIndex:
 # ---------------------------------------------------------------------------------------------------------
 # The command line, in-process
 # ---------------------------------------------------------------------------------------------------------
-
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tests.helpers import write_checkpoint
 
-from reid_ssl.checkpoint import CheckpointError, backbone_block, load_checkpoint, make_preprocess, save_checkpoint
+from reid_ssl.checkpoint import (
+    CheckpointError,
+    backbone_block,
+    backbone_state_dict,
+    load_checkpoint,
+    make_preprocess,
+    save_checkpoint,
+)
+from reid_ssl.data.torchreid_bridge import import_torchreid
 from reid_ssl.embedder import backbone_from_checkpoint, load_embedder
-from reid_ssl.checkpoint import backbone_state_dict
 from reid_ssl.export import build_torchreid_model, export_checkpoint
 from reid_ssl.models import SSLModel, build_backbone
-from reid_ssl.data.torchreid_bridge import import_torchreid
+from tests.helpers import write_checkpoint
 
 
 def test_bridge_weights_and_forward_equal(checkpoint: Path) -> None:

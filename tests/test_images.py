@@ -43,7 +43,12 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path: Path, original: np.ndarray)
 
 @pytest.mark.parametrize(
     ("mode", "values"),
-    [("I", lambda g: g.astype(np.int32) * 257), ("I", lambda g: g.astype(np.int32)), ("F", lambda g: g / 255.0), ("F", lambda g: g.astype(np.float32))],
+    [
+        ("I", lambda g: g.astype(np.int32) * 257),
+        ("I", lambda g: g.astype(np.int32)),
+        ("F", lambda g: g / 255.0),
+        ("F", lambda g: g.astype(np.float32)),
+    ],
     ids=["I-16bit-range", "I-8bit-range", "F-unit", "F-255"],
 )
 def test_32_bit_and_float_modes_by_their_range(original: np.ndarray, mode: str, values) -> None:
@@ -119,7 +124,9 @@ def test_walker_skips_junk_and_never_loops(tmp_path: Path, original: np.ndarray)
     for rel in ["a/1.jpg", "a/._1.jpg", ".hidden/2.jpg", "b/3.PNG", "b/Thumbs.db", "b/.DS_Store", "c.txt"]:
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(original).save(path, format="PNG") if rel.lower().endswith((".jpg", ".png")) else path.write_text("x")
+        Image.fromarray(original).save(path, format="PNG") if rel.lower().endswith(
+            (".jpg", ".png")
+        ) else path.write_text("x")
     (tmp_path / "b" / "loop").symlink_to(tmp_path, target_is_directory=True)
     assert [p.relative_to(tmp_path).as_posix() for p in iter_images(tmp_path)] == ["a/1.jpg", "b/3.PNG"]
     assert list(iter_images(tmp_path, recursive=False)) == []

@@ -33,9 +33,9 @@ CONFIG_KEYS: list[tuple[Registry[Any], str, Any]] = [
 def _help(*command: str) -> str:
     """A command's --help text, wrapped wide (argparse wraps at the terminal width, and may break at hyphens)."""
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command[0]]  # noqa: SLF001
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command[0]]
     for name in command[1:]:
-        sub = next(a for a in sub._actions if getattr(a, "choices", None) and name in a.choices).choices[name]  # noqa: SLF001
+        sub = next(a for a in sub._actions if getattr(a, "choices", None) and name in a.choices).choices[name]
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "1000"
     try:
@@ -66,16 +66,19 @@ def test_help_lists_exactly_the_registered_names() -> None:
     finetune_help = " ".join(_help("finetune").split())
     assert re.search(r"one of: ([\w, -]+?) --root", finetune_help).group(1).split(", ") == list(REID_DATASETS())
     export_help = " ".join(_help("export").split())
-    assert all(f"{name}:" in export_help for name in EXPORT_FORMATS) and "{" + ",".join(EXPORT_FORMATS) + "}" in export_help
+    assert (
+        all(f"{name}:" in export_help for name in EXPORT_FORMATS)
+        and "{" + ",".join(EXPORT_FORMATS) + "}" in export_help
+    )
 
 
 def test_a_new_entry_needs_nothing_else(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """Register a dataset and a loss at run time: the config, the CLI choices and --help know them at once."""
     spec = DatasetSpec("a test layout", reid=lambda root, **o: None, ssl=lambda root, data: [])
-    monkeypatch.setitem(DATASETS._entries, "my-cameras", spec)  # noqa: SLF001
-    monkeypatch.setitem(DATASETS._help, "my-cameras", spec.description)  # noqa: SLF001
-    monkeypatch.setitem(LOSSES._entries, "my_loss", LOSSES["byol"])  # noqa: SLF001
-    monkeypatch.setitem(LOSSES._help, "my_loss", "a test loss")  # noqa: SLF001
+    monkeypatch.setitem(DATASETS._entries, "my-cameras", spec)
+    monkeypatch.setitem(DATASETS._help, "my-cameras", spec.description)
+    monkeypatch.setitem(LOSSES._entries, "my_loss", LOSSES["byol"])
+    monkeypatch.setitem(LOSSES._help, "my_loss", "a test loss")
     assert "my-cameras" in SSL_SOURCES() and "my-cameras" in REID_DATASETS()
     assert load_config(None, ["data.source=my-cameras", "loss.name=my_loss"]).loss.name == "my_loss"
     assert "my-cameras" in " ".join(_help("eval").split())

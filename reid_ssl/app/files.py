@@ -36,7 +36,7 @@ def fit(im: Image.Image, box: tuple[int, int]) -> Image.Image:
     if scale >= 1.0:
         return im
     size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-    return im.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def placeholder() -> Image.Image:

@@ -54,7 +54,12 @@ def add_checkpoint_args(p: argparse.ArgumentParser, default: str | None = DEFAUL
 def add_data_args(p: argparse.ArgumentParser, names: tuple[str, ...], default: str | None) -> None:
     """``--dataset`` (choices from the dataset registry), ``--root`` and the embedding options."""
     p.add_argument(
-        "--dataset", default=default, required=default is None, choices=names, metavar="NAME", help=choices_help(names, default)
+        "--dataset",
+        default=default,
+        required=default is None,
+        choices=names,
+        metavar="NAME",
+        help=choices_help(names, default),
     )
     roots = ", ".join(sorted({f"{default_root(n)} for {n}" for n in names if default_root(n) != "data"}))
     p.add_argument("--root", help=f"dataset folder or a parent of it (default: {roots}; else data)")
@@ -74,7 +79,13 @@ def split_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = add_parser(sub, "eval", "re-ID benchmark (rank-1/5/10/20, mAP, mINP) or kNN / linear-probe classification", DESCRIPTION, EPILOG)
+    e = add_parser(
+        sub,
+        "eval",
+        "re-ID benchmark (rank-1/5/10/20, mAP, mINP) or kNN / linear-probe classification",
+        DESCRIPTION,
+        EPILOG,
+    )
     add_checkpoint_args(e)
     add_data_args(e, REID_DATASETS() + CLASSIFICATION_DATASETS(), "pets09")
     e.add_argument(

@@ -27,7 +27,13 @@ EPILOG = "example:\n  reid_ssl finetune --checkpoint C --dataset market1501 --ro
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    f = add_parser(sub, "finetune", "supervised fine-tuning on a labelled re-ID train split (torchreid engine), then eval", DESCRIPTION, EPILOG)
+    f = add_parser(
+        sub,
+        "finetune",
+        "supervised fine-tuning on a labelled re-ID train split (torchreid engine), then eval",
+        DESCRIPTION,
+        EPILOG,
+    )
     add_checkpoint_args(f)
     add_data_args(f, REID_DATASETS(), None)
     f.add_argument("--loss", choices=["softmax", "triplet"], default="softmax", help="default softmax")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reid_ssl.cli.common import add_parser, non_negative_float, positive_float, positive_int, print_json, print_table, wrap
+from reid_ssl.cli.common import (
+    add_parser,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    print_json,
+    print_table,
+    wrap,
+)
 from reid_ssl.console import setup_logging, show_progress
 
 DESCRIPTION = """\
@@ -33,7 +41,8 @@ examples:
   reid_ssl prepare pets09 --fetch
   reid_ssl prepare video lobby.mp4 street.mp4 --camera lobby street --fps 5 --out data/mycams --split
   reid_ssl prepare video frames/ --source-fps 12 --start 60 --end 600 --out data/clip
-  reid_ssl prepare video cam.mp4 --detector fasterrcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --out data/cam
+  reid_ssl prepare video cam.mp4 --out data/cam \\
+      --detector fasterrcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth
   reid_ssl train data.source=video data.root=data/mycams data.positives=bag train.out_dir=runs/mycams
   reid_ssl prepare shards sysu30k --root /data/SYSU-30k --out /data/sysu30k-shards
   reid_ssl train data.source=shards data.root=/data/sysu30k-shards"""
@@ -42,16 +51,32 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     from reid_ssl.data.video.detect import DETECTORS
 
-    prep = add_parser(sub, "prepare", "build training data: pets09 (bundled tracks), video (your footage), shards (streaming)", DESCRIPTION, EPILOG)
+    prep = add_parser(
+        sub,
+        "prepare",
+        "build training data: pets09 (bundled tracks), video (your footage), shards (streaming)",
+        DESCRIPTION,
+        EPILOG,
+    )
     what = prep.add_subparsers(dest="dataset", metavar="<dataset>", required=True)
-    p = what.add_parser("pets09", help="PETS09-S2L1 from Debian's opencv-doc package", description=wrap(DESCRIPTION.split("\nvideo:")[0]))
+    p = what.add_parser(
+        "pets09",
+        help="PETS09-S2L1 from Debian's opencv-doc package",
+        description=wrap(DESCRIPTION.split("\nvideo:")[0]),
+    )
     p.add_argument("--video", help="path to vtest.avi (default: data/vtest.avi, then the opencv-doc path)")
     p.add_argument("--fetch", action="store_true", help="download vtest.avi from the Debian package if missing")
     p.add_argument("--out", default="data/pets09", help="output folder (default data/pets09)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(handler=run_pets09)
 
-    v = what.add_parser("video", help="your videos or frame folders -> tracklet bags", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = what.add_parser(
+        "video",
+        help="your videos or frame folders -> tracklet bags",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     v.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FRAME_FOLDER", help="one per camera")
     v.add_argument("--out", required=True, help="output folder")
     v.add_argument("--camera", nargs="+", help="camera names, one per input (default: the file names)")
@@ -60,10 +85,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--start", type=non_negative_float, default=0.0, help="seconds into each input to start")
     v.add_argument("--end", type=positive_float, help="seconds into each input to stop (default: the end)")
     v.add_argument("--min-height", type=positive_int, default=48, help="ignore people shorter than this, pixels (48)")
-    v.add_argument("--detector", default="hog", choices=DETECTORS.names(), help=f"person detector (default hog):\n{DETECTORS.describe()}")
+    v.add_argument(
+        "--detector",
+        default="hog",
+        choices=DETECTORS.names(),
+        help=f"person detector (default hog):\n{DETECTORS.describe()}",
+    )
     v.add_argument("--weights", help="the detector's weights file (torchvision detectors); nothing is downloaded")
     v.add_argument("--min-score", type=float, help="detector score in (0, 1) to keep a box (default: the detector's)")
-    v.add_argument("--split", action="store_true", help="also write test (market/) and validation (market_val/) splits of pseudo-identities")
+    v.add_argument(
+        "--split",
+        action="store_true",
+        help="also write test (market/) and validation (market_val/) splits of pseudo-identities",
+    )
     v.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs or options")
     v.add_argument("--json", action="store_true", help="print the manifest as JSON")
     v.set_defaults(handler=run_video)
@@ -124,7 +158,9 @@ def run_video(args: argparse.Namespace) -> int:
     )
     progress = show_progress(json=args.json)
     manifest = prepare_video(args.inputs, args.out, args.camera, options, overwrite=args.overwrite, progress=progress)
-    _report(manifest, f"tracklet bags ready in {args.out} (train with data.source=video data.root={args.out})", args.json)
+    _report(
+        manifest, f"tracklet bags ready in {args.out} (train with data.source=video data.root={args.out})", args.json
+    )
     return 0
 
 
@@ -159,8 +195,15 @@ def _report(manifest: dict, title: str, as_json: bool) -> None:
         print_json(manifest)
         return
     counts = manifest.get("counts", {})
-    rows = [("tracklets", counts.get("tracks")), ("crops", counts.get("boxes")), ("longest tracklet", counts.get("longest"))]
+    rows = [
+        ("tracklets", counts.get("tracks")),
+        ("crops", counts.get("boxes")),
+        ("longest tracklet", counts.get("longest")),
+    ]
     rows += [(f"split {k}", v) for k, v in (manifest.get("split") or {}).items()]
-    rows += [(f"camera {i['camera']}", f"{i['tracks']} tracklets, {i['boxes']} crops, {i['path']}") for i in manifest.get("inputs", [])]
+    rows += [
+        (f"camera {i['camera']}", f"{i['tracks']} tracklets, {i['boxes']} crops, {i['path']}")
+        for i in manifest.get("inputs", [])
+    ]
     rows += [(f"seconds {k}", v) for k, v in manifest.get("seconds", {}).items()]
     print_table(rows, title)

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 (
                     "deputy window",
                     f"ranks {rule['k_lo']}..{rule['k_hi']} (k={rule['k']}; {rule['identities']} identities, "
-                    f"{rule['identities_source']}; P(rank {rule['k_lo']} is another identity) = {rule['p_true_negative']:.3f})",
+                    f"{rule['identities_source']}; P(rank {rule['k_lo']} is another identity) = "
+                    f"{rule['p_true_negative']:.3f})",
                 )
             )
         rows += [(f"monitor {k}", v) for k, v in summary["monitor"].items()]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 from PIL import Image
 
 from reid_ssl.errors import DatasetLayoutError, InputError, MissingFileError
@@ -33,7 +34,7 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, DTypeLike] = {
     0x08: np.uint8,
     0x09: np.int8,
     0x0B: np.dtype(">i2"),

@@ -81,7 +81,9 @@ def _list_source(root: Path, data: DataConfig) -> ImageList:
 
 DATASETS.register(
     "folder",
-    DatasetSpec("any folder of images (recursive); sub-folders are bags", ssl=lambda r, d: ssl_sources.folder_source(r)),
+    DatasetSpec(
+        "any folder of images (recursive); sub-folders are bags", ssl=lambda r, d: ssl_sources.folder_source(r)
+    ),
 )
 DATASETS.register(
     "list",
@@ -131,6 +133,8 @@ DATASETS.register(
     "cuhk03",
     DatasetSpec("CUHK03 as torchreid prepares it: images_{detected,labeled}/, splits_*.json", reid=reid.load_cuhk03),
 )
+
+
 def _tracklet_datasets(name: str, default_root: str, how: str, what: str) -> None:
     """``name`` (training bags + test split) and ``name-val`` (the validation split) of a ``prepare`` output."""
     DATASETS.register(

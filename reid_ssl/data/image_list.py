@@ -96,7 +96,14 @@ class ImageList:
     @classmethod
     def in_memory_rows(cls, n: int) -> ImageList:
         """``n`` rows of an in-memory image array, without bags."""
-        return cls(Path("."), np.zeros(0, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int32), True)
+        return cls(
+            Path("."),
+            np.zeros(0, np.uint8),
+            np.zeros(n, np.int64),
+            np.zeros(n, np.int64),
+            np.full(n, -1, np.int32),
+            True,
+        )
 
 
 def _relative(path: Path, root: Path) -> Path:

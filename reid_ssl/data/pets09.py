@@ -28,7 +28,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-
 from reid_ssl.data.video.split import SplitProtocol
 from reid_ssl.data.video.track import TrackBox
 from reid_ssl.errors import DatasetLayoutError, DependencyError, InputError, MissingFileError
@@ -221,7 +220,9 @@ def parse_tracks(text: str, source: str = "<string>") -> list[TrackBox]:
             raise DatasetLayoutError(f"{source}:{line}: expected six integers, got {len(values)} fields")
         b = TrackBox(*values)
         if b.frame < 0 or b.track < 1 or b.x < 0 or b.y < 0 or b.w < 1 or b.h < 1:
-            raise DatasetLayoutError(f"{source}:{line}: need frame >= 0, track >= 1, x, y >= 0 and w, h >= 1, got {row}")
+            raise DatasetLayoutError(
+                f"{source}:{line}: need frame >= 0, track >= 1, x, y >= 0 and w, h >= 1, got {row}"
+            )
         if (b.frame, b.track) in seen:
             raise DatasetLayoutError(f"{source}:{line}: track {b.track} has a second box in frame {b.frame}")
         seen.add((b.frame, b.track))
@@ -282,7 +283,11 @@ def build_pets09(
     if check_video and video_sha != VIDEO_SHA256:
         raise InputError(f"{video} has sha256 {video_sha}, not PETS09 vtest.avi's {VIDEO_SHA256}")
     opt = VideoOptions(split=True, protocol=protocol or SplitProtocol(), jpeg_quality=jpeg_quality)
-    extra = {"dataset": "PETS09-S2L1 (vtest.avi) tracklets", "tracks_sha256": tracks_sha256(tracks), "video_sha256": video_sha}
+    extra = {
+        "dataset": "PETS09-S2L1 (vtest.avi) tracklets",
+        "tracks_sha256": tracks_sha256(tracks),
+        "video_sha256": video_sha,
+    }
     key = json.dumps([MANIFEST_VERSION, extra, opt.protocol.as_dict(), jpeg_quality], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()
     try:
@@ -296,4 +301,6 @@ def build_pets09(
     frames = sum(1 for _ in source.frames(source.select()))
     if last >= frames:
         raise DatasetLayoutError(f"tracks reach frame {last} but {video} has {frames} frames")
-    return publish([TrackedInput(video, "vtest", 0, source, tracks)], out, opt, digest, extra={**extra, "frames": frames})
+    return publish(
+        [TrackedInput(video, "vtest", 0, source, tracks)], out, opt, digest, extra={**extra, "frames": frames}
+    )

@@ -1,9 +1,9 @@
 """Re-ID dataset layouts -> lists of ``(img_path, pid, camid)`` for train / query / gallery.
 
-The lists follow torchreid's contract (camid 0-based, see :mod:`reid_ssl.data.market`; Market/Duke junk images with pid -1 dropped, as torchreid
-drops them; pid 0000 distractors kept as ordinary wrong matches), so numbers computed on them are comparable
-with torchreid's. Each loader accepts the dataset folder itself or a parent holding it under torchreid's folder
-name, and says which folder it expected and what it found when the layout does not match.
+The lists follow torchreid's contract (camid 0-based, see :mod:`reid_ssl.data.market`; Market/Duke junk images with
+pid -1 dropped, as torchreid drops them; pid 0000 distractors kept as ordinary wrong matches), so numbers computed
+on them are comparable with torchreid's. Each loader accepts the dataset folder itself or a parent holding it under
+torchreid's folder name, and says which folder it expected and what it found when the layout does not match.
 
 SYSU-30k (test set only) and PETS09 are also registered as torchreid image datasets
 (:func:`reid_ssl.data.torchreid_bridge.register_torchreid_datasets`), so torchreid users can test on (and train
@@ -297,5 +297,3 @@ def relabel(items: Sequence[Item]) -> list[Item]:
     """Train items with pids mapped to 0..N-1 (sorted by original pid), as classifiers need."""
     mapping = {pid: i for i, pid in enumerate(sorted({pid for _, pid, _ in items}))}
     return [(path, mapping[pid], camid) for path, pid, camid in items]
-
-

@@ -22,7 +22,8 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = 0, 0
         if self.batches_per_epoch() < 1:
             raise InputError(
-                f"{n} images are fewer than one batch of {batch_size} x {world_size} process(es); lower train.batch_size"
+                f"{n} images are fewer than one batch of {batch_size} x {world_size} process(es); "
+                "lower train.batch_size"
             )
 
     def batches_per_epoch(self) -> int:

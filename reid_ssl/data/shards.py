@@ -71,7 +71,9 @@ def write_shards(
 
     out = Path(out)
     if (out / MANIFEST).is_file() and not overwrite:
-        raise AlreadyExistsError(f"{out} already holds shards; pass --overwrite to replace them, or choose another --out")
+        raise AlreadyExistsError(
+            f"{out} already holds shards; pass --overwrite to replace them, or choose another --out"
+        )
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -92,7 +94,9 @@ def write_shards(
                     if progress is not None:
                         progress(1)
             bags = np.unique(items.bags[members])
-            shards.append({"name": name, "samples": written, "bags": int((bags >= 0).sum()), "sha256": _sha256(tmp / name)})
+            shards.append(
+                {"name": name, "samples": written, "bags": int((bags >= 0).sum()), "sha256": _sha256(tmp / name)}
+            )
         stats = bag_stats(items)
         manifest = {
             "format": FORMAT,
@@ -141,7 +145,9 @@ def _rel(items: ImageList, i: int) -> str:
     return "" if items.in_memory else os.fsdecode(items.blob[items.starts[i] : items.ends[i]].tobytes())
 
 
-def _sample_bytes(items: ImageList, i: int, array: np.ndarray | None, unreadable: list[str]) -> tuple[str, bytes | None]:
+def _sample_bytes(
+    items: ImageList, i: int, array: np.ndarray | None, unreadable: list[str]
+) -> tuple[str, bytes | None]:
     """The image's original bytes and extension (in-memory rows as PNG); unreadable files are listed, skipped."""
     if items.in_memory:
         assert array is not None, "in-memory items need their array"
@@ -178,7 +184,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except FileNotFoundError:
-        raise MissingFileError(f"{root} holds no shards ({MANIFEST} missing): write them with `reid_ssl prepare shards`") from None
+        raise MissingFileError(
+            f"{root} holds no shards ({MANIFEST} missing): write them with `reid_ssl prepare shards`"
+        ) from None
     except ValueError as e:
         raise DatasetLayoutError(f"{root / MANIFEST} is not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
@@ -194,7 +202,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def assign_shards(num_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
+def assign_shards(
+    num_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int
+) -> list[int]:
     """The shards worker ``worker`` of rank ``rank`` reads in ``epoch``: disjoint, together all of them."""
     order = np.random.default_rng([seed, epoch]).permutation(num_shards)
     return order[rank::world][worker::workers].tolist()
@@ -260,7 +270,11 @@ class ShardStream(IterableDataset):
     def _shard(self, shard: int, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, str, int, int, int]]:
         import webdataset as wds
 
-        records = list(wds.WebDataset(str(self.root / name), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
+        records = list(
+            wds.WebDataset(
+                str(self.root / name), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+            )
+        )
         order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(len(records))
         bags: dict[int, list[int]] = {}
         metas = [json.loads(r["json"]) for r in records]
@@ -268,15 +282,20 @@ class ShardStream(IterableDataset):
             bags.setdefault(meta["bag"], []).append(k)
         for position in range(self.skip.get(shard, 0), len(order)):
             k = int(order[position])
-            partner = _pick(bags[metas[k]["bag"]], (self.seed, self.epoch, shard, position)) if self.bag_positives and metas[k]["bag"] >= 0 else k
+            partner = (
+                _pick(bags[metas[k]["bag"]], (self.seed, self.epoch, shard, position))
+                if self.bag_positives and metas[k]["bag"] >= 0
+                else k
+            )
             reasons: list[str] = []
             first = self._decode(records[k], name, reasons)
             second = first if partner == k else self._decode(records[partner], name, reasons)
             if first is None or second is None:  # replaced by a readable image of the same shard
-                alt = next((j for j in order if self._decode(records[j], name, []) is not None), None)
+                decoded = (self._decode(records[int(j)], name, []) for j in order)
+                alt = next((im for im in decoded if im is not None), None)
                 if alt is None:
                     continue
-                first = second = self._decode(records[int(alt)], name, [])
+                first = second = alt
             yield self.view_a(first), self.view_b(second), "\n".join(reasons), shard, position, metas[k]["index"]
 
     @staticmethod

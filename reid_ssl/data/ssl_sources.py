@@ -137,7 +137,12 @@ def sysu30k_source(root: Path, list_file: Path | None = None) -> ImageList:
     list_file = list_file or (root / "meta" / "train.txt")
     if list_file.is_file():
         items = read_image_list(list_file, train)
-        if len(items) and not items.path(0).exists() and (root / os.fsdecode(items.blob[items.starts[0] : items.ends[0]].tobytes())).exists():
+        first = items.path(0) if len(items) else None  # never None for a list file (not in memory)
+        if (
+            first is not None
+            and not first.exists()
+            and (root / os.fsdecode(items.blob[items.starts[0] : items.ends[0]].tobytes())).exists()
+        ):
             items.root = root
     else:
         items = scan_folder(train)
@@ -190,5 +195,3 @@ def fashion_mnist_images(root: str | Path) -> np.ndarray:
 def fashion_mnist_source(root: Path) -> ImageList:
     """Fashion-MNIST training images as rows of an in-memory array (``root``: the folder of the idx files)."""
     return ImageList.in_memory_rows(len(fashion_mnist_images(root)))
-
-

@@ -5,12 +5,13 @@ files (Debian ``dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist/``)
 never in SSL training. Features come from the checkpoint's one :class:`~reid_ssl.embedder.Embedder`
 (its preprocessing resizes every image, grey Fashion-MNIST included, to the checkpoint's input size).
 
-* ``knn`` (ours; the reference repo has no kNN, docs/method.md, "Evaluation protocols"): cosine similarity to the training features,
-  the k nearest vote with weight ``exp(sim / T)``, as in Wu et al.'s instance discrimination monitor.
-* ``linear`` (docs/method.md, "Evaluation protocols"): frozen backbone, global-average-pooled feature, one linear layer (init normal,
-  std 0.01), SGD momentum 0.9, weight decay 0, cosine schedule with a linear warmup over the first 10% of
-  epochs, batch 256. Deviation: the features are computed once (no RandomResizedCrop/flip per epoch, so a CPU
-  can run it) and standardised with the training set's mean and std, the role a non-affine BatchNorm plays in
+* ``knn`` (ours; the reference repo has no kNN, docs/method.md, "Evaluation protocols"): cosine similarity to
+  the training features, the k nearest vote with weight ``exp(sim / T)``, as in Wu et al.'s instance
+  discrimination monitor.
+* ``linear`` (docs/method.md, "Evaluation protocols"): frozen backbone, global-average-pooled feature, one linear
+  layer (init normal, std 0.01), SGD momentum 0.9, weight decay 0, cosine schedule with a linear warmup over the
+  first 10% of epochs, batch 256. Deviation: the features are computed once (no RandomResizedCrop/flip per epoch, so
+  a CPU can run it) and standardised with the training set's mean and std, the role a non-affine BatchNorm plays in
   MAE's linear probe; the Embedder's features are L2-normalised, which would otherwise need a far larger lr.
 
 - [0] Z. Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018,

@@ -82,8 +82,8 @@ def _merge_topk(
     import torch
 
     kk = min(k, d.shape[1])
-    vals, idx = torch.topk(torch.from_numpy(d), kk, dim=1, largest=False, sorted=False)
-    vals, idx = vals.numpy(), idx.numpy() + offset
+    top = torch.topk(torch.from_numpy(d), kk, dim=1, largest=False, sorted=False)
+    vals, idx = top.values.numpy(), top.indices.numpy() + offset
     if best_d is not None and best_i is not None:
         vals, idx = np.concatenate([best_d, vals], axis=1), np.concatenate([best_i, idx], axis=1)
     if vals.shape[1] > k:

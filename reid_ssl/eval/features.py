@@ -89,6 +89,7 @@ def embed_items(
             del full
             os.replace(tmp.with_suffix(".part.npy"), tmp)
         else:
+            assert isinstance(feats, np.memmap)  # open_memmap above, since tmp is set
             feats.flush()
             del feats
         os.replace(tmp, target)

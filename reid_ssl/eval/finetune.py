@@ -95,7 +95,9 @@ def finetune(
     """
     from reid_ssl.data.datasets import load_split
 
-    opt = FinetuneSettings(loss, epochs, max_steps, batch_size, lr, weight_decay, num_instances, margin, num_workers, seed)
+    opt = FinetuneSettings(
+        loss, epochs, max_steps, batch_size, lr, weight_decay, num_instances, margin, num_workers, seed
+    )
     if opt.loss not in FINETUNE_LOSSES:
         raise InputError(f"unknown loss {opt.loss!r}; choose one of {list(FINETUNE_LOSSES)}")
     if opt.epochs < 1 or opt.batch_size < 1 or (opt.max_steps is not None and opt.max_steps < 1):
@@ -140,7 +142,9 @@ def finetune(
 def _readable_train(dataset: str, split: Any, opt: FinetuneSettings) -> list[tuple[Path, str]]:
     """Drop unreadable train images from ``split`` (returned); refuse splits too small for one batch."""
     if not split.train:
-        raise DatasetLayoutError(f"{dataset}: no train list under {split.root} (SYSU-30k's test set cannot be fine-tuned on)")
+        raise DatasetLayoutError(
+            f"{dataset}: no train list under {split.root} (SYSU-30k's test set cannot be fine-tuned on)"
+        )
     good, bad = check_images(Path(p) for p, _, _ in split.train)
     readable = {str(p) for p in good}
     split.train = [item for item in split.train if item[0] in readable]
@@ -198,11 +202,15 @@ def _engine(ckpt: dict[str, Any], dm: Any, opt: FinetuneSettings, use_gpu: bool)
     common = {"scheduler": scheduler, "use_gpu": use_gpu, "label_smooth": True}
     if opt.loss == "softmax":
         return torchreid.engine.ImageSoftmaxEngine(dm, model, optimizer, **common), model
-    engine = torchreid.engine.ImageTripletEngine(dm, model, optimizer, margin=opt.margin, weight_t=1.0, weight_x=1.0, **common)
+    engine = torchreid.engine.ImageTripletEngine(
+        dm, model, optimizer, margin=opt.margin, weight_t=1.0, weight_x=1.0, **common
+    )
     return engine, model
 
 
-def _train(engine: Any, dm: Any, opt: FinetuneSettings, say: Callable[[str], None]) -> tuple[list[dict[str, float]], int, int]:
+def _train(
+    engine: Any, dm: Any, opt: FinetuneSettings, say: Callable[[str], None]
+) -> tuple[list[dict[str, float]], int, int]:
     """Our epoch loop over ``engine.forward_backward``; returns (per-epoch mean losses, steps, epochs)."""
     history: list[dict[str, float]] = []
     step = epoch = 0
@@ -226,9 +234,13 @@ def _train(engine: Any, dm: Any, opt: FinetuneSettings, say: Callable[[str], Non
     return history, step, epoch
 
 
-def _save(path: Path, ckpt: dict[str, Any], model: torch.nn.Module, settings: dict[str, Any], step: int, epoch: int) -> None:
+def _save(
+    path: Path, ckpt: dict[str, Any], model: torch.nn.Module, settings: dict[str, Any], step: int, epoch: int
+) -> None:
     """The fine-tuned backbone (classifier dropped) in our checkpoint format, with the parent's preprocessing."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
     block = backbone_block(ckpt["backbone"]["name"], int(ckpt["backbone"]["feature_dim"]), state)
     config = {"finetune": settings, "pretrain": ckpt.get("config", {})}
-    save_checkpoint(path, {"backbone": block, "preprocess": ckpt["preprocess"], "config": config, "step": step, "epoch": epoch})
+    save_checkpoint(
+        path, {"backbone": block, "preprocess": ckpt["preprocess"], "config": config, "step": step, "epoch": epoch}
+    )

@@ -166,7 +166,8 @@ def _check_readable(dataset: str, sets: dict[str, _Embedded], strict: bool) -> N
     failures = [f for e in sets.values() for f in e.failures]
     if strict and failures:
         raise ImageError(
-            f"{len(failures)} images could not be read (first: {failures[0]['reason']}); fix them or run without --strict"
+            f"{len(failures)} images could not be read (first: {failures[0]['reason']}); "
+            "fix them or run without --strict"
         )
     for name, e in sets.items():
         if not e.items:
@@ -209,9 +210,7 @@ class _DenseRanking:
         return order[: int((~junk).sum())]
 
 
-def _strips(
-    q: _Embedded, g: _Embedded, ap: np.ndarray, ranked: Any, count: int, topk: int, folder: Path
-) -> list[str]:
+def _strips(q: _Embedded, g: _Embedded, ap: np.ndarray, ranked: Any, count: int, topk: int, folder: Path) -> list[str]:
     """Ranked-result strips (PNG) of ``count`` random valid queries; ``ranked[q]`` gives gallery rows in order."""
     paths = []
     for qi in _pick_queries(~np.isnan(ap), count):  # AP is NaN for skipped queries

@@ -168,7 +168,9 @@ def _merge_chunks(
     build: Path, source: GallerySource, opt: BuildOptions, dim: int, world_size: int
 ) -> tuple[np.ndarray, list[GalleryItem], list[tuple[str, str]]]:
     """Rank 0: every chunk in gallery order -> (features (n, D), their items, (path, reason) failures)."""
-    feats, items, failures = [], [], []
+    feats: list[np.ndarray] = []
+    items: list[GalleryItem] = []
+    failures: list[tuple[str, str]] = []
     n_chunks = math.ceil(len(source.items) / opt.chunk_size)
     for c in range(n_chunks):
         got = read_chunk(chunk_path(build, c), dim)

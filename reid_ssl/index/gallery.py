@@ -346,6 +346,7 @@ class GalleryIndex(SearchMixin):
     def _lists_in_ram(self) -> None:
         """Before a change in place: copy mapped inverted lists into RAM (mapped lists are read-only)."""
         if self._mapped is not None:
+            assert self._index is not None  # mapped lists belong to a loaded index
             ondisk.lists_in_ram(self._index)
             self._release_mapped()
 

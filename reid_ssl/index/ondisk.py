@@ -70,9 +70,11 @@ def has_lists(index: faiss.Index | None) -> bool:
 
 def mapped_lists(index: faiss.Index | None) -> faiss.OnDiskInvertedLists | None:
     """The on-disk (memory-mapped) inverted lists of ``index``, or None when its lists are in RAM."""
-    if not has_lists(index):
+    if index is None or not has_lists(index):
         return None
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    invlists = faiss.extract_index_ivf(index).invlists
+    assert invlists is not None  # an IVF index always has its lists
+    lists = faiss.downcast_InvertedLists(invlists)
     return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
@@ -109,13 +111,14 @@ def lists_in_ram(index: faiss.Index) -> None:
     """
     ivf = faiss.extract_index_ivf(index)
     src = ivf.invlists
+    assert src is not None  # an IVF index always has its lists
     dst = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     for i in range(ivf.nlist):
         n = src.list_size(i)
         if n:
             dst.add_entries(i, n, src.get_ids(i), src.get_codes(i))
     ivf.replace_invlists(dst, True)  # the index owns the copy and frees the mapped lists (unmaps)
-    dst.this.disown()
+    dst.this.disown()  # type: ignore[attr-defined]  # SWIG's ownership handle, not in faiss's stubs
 
 
 def copy_mapped(mapped: MappedFile, dst: Path) -> None:

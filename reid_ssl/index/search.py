@@ -188,11 +188,19 @@ class SearchMixin:
     _vectors: np.ndarray
     _gpu_index: faiss.Index | None
     _gpu_tried: bool
-    ntotal: int
-    dim: int
-    spec: IndexSpec | None
-    index_type: IndexType | None
-    lists_on_disk: bool
+
+    if TYPE_CHECKING:  # read-only properties of GalleryIndex
+
+        @property
+        def ntotal(self) -> int: ...
+        @property
+        def dim(self) -> int: ...
+        @property
+        def spec(self) -> IndexSpec | None: ...
+        @property
+        def index_type(self) -> IndexType | None: ...
+        @property
+        def lists_on_disk(self) -> bool: ...
 
     items: Callable[[Sequence[int] | np.ndarray], dict[int, dict[str, Any]]]
     ids_where: Callable[..., np.ndarray]
@@ -203,7 +211,7 @@ class SearchMixin:
         kind = self.index_type
         if self._gpu_tried or not self.manifest["index"].get("use_gpu", True) or not kind or not kind.on_gpu:
             return self._gpu_index
-        if self.lists_on_disk:  # a GPU copy would need every list in GPU memory
+        if self._index is None or self.lists_on_disk:  # a GPU copy would need every list in GPU memory
             return None
         if not gpu_available():
             return None
@@ -292,7 +300,7 @@ class SearchMixin:
     def _missed(self, k: int, returned: int, available: int, nprobe: int | None, ef_search: int | None) -> Shortfall:
         """Why an approximate search returned fewer items than exist: the index type's search setting."""
         spec, kind = self.spec, self.index_type
-        assert spec is not None and kind is not None
+        assert spec is not None and kind is not None and self._index is not None
         why = kind.shortfall(self._index, spec, nprobe, ef_search)
         if why is None:
             why = {"cause": "index", "message": f"the {spec.type} index returned only {returned} candidates"}

@@ -73,7 +73,8 @@ def write_file(path: Path, data: bytes) -> None:
 def write_faiss(path: Path, index: faiss.Index) -> None:
     """``faiss.write_index`` through a Python file, so a full disk raises OSError with its errno."""
     with open(path, "wb") as f:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        # PyCallbackIOWriter/Reader exist (SWIG) but faiss's stubs do not declare them
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # type: ignore[attr-defined]
         f.flush()
         os.fsync(f.fileno())
 
@@ -81,7 +82,7 @@ def write_faiss(path: Path, index: faiss.Index) -> None:
 def read_faiss(path: Path) -> faiss.Index:
     """``faiss.read_index`` through a Python file (FAISS's own path argument refuses non-UTF-8 names)."""
     with open(path, "rb") as f:
-        return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read))  # type: ignore[attr-defined]  # as above
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

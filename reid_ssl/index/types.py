@@ -35,7 +35,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -107,7 +107,7 @@ class IndexType:
         """
         import faiss
 
-        index = faiss.index_factory(dim, "IDMap2," + factory, faiss.METRIC_INNER_PRODUCT)
+        index = cast("faiss.IndexIDMap2", faiss.index_factory(dim, "IDMap2," + factory, faiss.METRIC_INNER_PRODUCT))
         self.configure(faiss.downcast_index(index.index))
         return index
 
@@ -124,7 +124,8 @@ class IndexType:
         """FAISS search parameters: the filter ``sel`` and this type's setting (overrides win)."""
         import faiss
 
-        return faiss.SearchParameters(sel=sel) if sel is not None else None
+        # faiss's stubs miss the keyword __init__ that faiss.class_wrappers gives every SearchParameters class
+        return faiss.SearchParameters(sel=sel) if sel is not None else None  # type: ignore[call-arg]
 
     def shortfall(self, index: faiss.Index, spec: IndexSpec, nprobe: int | None, ef_search: int | None) -> dict | None:
         """Why this type's search found fewer items than pass the filters: ``Shortfall`` fields, or None.
@@ -167,7 +168,8 @@ class IVFType(IndexType):
     ) -> faiss.SearchParameters:
         import faiss
 
-        return faiss.SearchParametersIVF(nprobe=int(nprobe or spec.nprobe or 1), sel=sel)
+        # keyword __init__ from faiss.class_wrappers, missing in faiss's stubs
+        return faiss.SearchParametersIVF(nprobe=int(nprobe or spec.nprobe or 1), sel=sel)  # type: ignore[call-arg]
 
     def shortfall(self, index: faiss.Index, spec: IndexSpec, nprobe: int | None, ef_search: int | None) -> dict | None:
         import faiss
@@ -256,7 +258,10 @@ class HNSWType(IndexType):
     ) -> faiss.SearchParameters:
         import faiss
 
-        return faiss.SearchParametersHNSW(efSearch=int(ef_search or spec.ef_search or HNSW_EF_SEARCH), sel=sel)
+        # SearchParametersHNSW exists (SWIG) but faiss's stubs do not declare it
+        return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+            efSearch=int(ef_search or spec.ef_search or HNSW_EF_SEARCH), sel=sel
+        )
 
     def shortfall(self, index: faiss.Index, spec: IndexSpec, nprobe: int | None, ef_search: int | None) -> dict | None:
         used = int(ef_search or spec.ef_search or HNSW_EF_SEARCH)
@@ -364,7 +369,7 @@ def index_spec(
         spec = type_for_factory(factory).spec_for_factory(factory, n, dim)
     else:
         spec = resolve_type(index_type, n, dim).spec(n, dim)
-    changes = {k: v for k, v in {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}.items() if v}
+    changes: dict[str, Any] = {k: v for k, v in {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}.items() if v}
     return dataclasses.replace(spec, **changes) if changes else spec
 
 

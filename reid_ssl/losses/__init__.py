@@ -38,7 +38,11 @@ class LossClass(Protocol):
 
 
 LOSSES: Registry[Any] = Registry("loss")
-LOSSES.register("truncated_triplet", TruncatedTripletLoss, help="the paper's loss: pull the positive, push the mean of negatives ranked k_lo..k_hi")
+LOSSES.register(
+    "truncated_triplet",
+    TruncatedTripletLoss,
+    help="the paper's loss: pull the positive, push the mean of negatives ranked k_lo..k_hi",
+)
 LOSSES.register("median_triplet", MedianTripletLoss, help="the paper's earlier variant: push the median negative")
 LOSSES.register("byol", BYOLLoss, help="BYOL: pull the positive only (2 - 2 cos)")
 LOSSES.register("simclr", NTXentLoss, help="SimCLR NT-Xent; needs model.target=shared model.predictor=false")

@@ -57,8 +57,8 @@ def truncated_triplet_loss(
     With unit vectors, d_ij = -2 <p_i, z_j>; the positive is d_ii and the negative deputy the mean of row i's
     negatives ranked ``k_lo..k_hi`` by similarity (most similar first). The loss is the mean over rows of
     ``max(0, gamma * d_pos - d_deputy + margin)``. With the reference margin 100 the hinge is always active and
-    the loss is linear in the cosines (docs/method.md, "The truncated triplet loss"). ``k_lo == k_hi`` picks a single rank-k negative and
-    ``k_lo == k_hi == 1`` the hardest one.
+    the loss is linear in the cosines (docs/method.md, "The truncated triplet loss"). ``k_lo == k_hi`` picks a
+    single rank-k negative and ``k_lo == k_hi == 1`` the hardest one.
 
     Args:
         p: (N, D) online predictions of one view.

@@ -15,8 +15,10 @@ torchreid and fine-tune through its engine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +97,10 @@ def timm_trunk(arch: str) -> nn.Module:
     """
     import timm
 
-    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+    # Any: timm models have plain attributes (num_features) that nn.Module's annotations do not know
+    model: Any = timm.create_model(
+        arch, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True
+    )
     model.feature_dim = int(model.num_features)
     return model
 
@@ -127,7 +132,9 @@ def _resnet(depth: int, torchreid: bool = True, small: bool = False) -> Backbone
 
 BACKBONES.register("resnet18", _resnet(18), help="ResNet-18, 512-d features (torchvision layout; torchreid resnet18)")
 BACKBONES.register("resnet34", _resnet(34), help="ResNet-34, 512-d features (torchreid resnet34)")
-BACKBONES.register("resnet50", _resnet(50), help="ResNet-50, 2048-d features, the paper's backbone (torchreid resnet50)")
+BACKBONES.register(
+    "resnet50", _resnet(50), help="ResNet-50, 2048-d features, the paper's backbone (torchreid resnet50)"
+)
 BACKBONES.register(
     "resnet18_small",
     _resnet(18, torchreid=False, small=True),
@@ -145,13 +152,21 @@ for _arch, _what in [
     ("resnet50_ibn_a", "ResNet-50-IBN-a (instance + batch normalisation), 2048-d"),
 ]:
     BACKBONES.register(
-        _arch, BackboneSpec(lambda a=_arch: TorchreidTrunk(a), _arch, _what), help=f"torchreid {_what}"
+        _arch, BackboneSpec(functools.partial(TorchreidTrunk, _arch), _arch, _what), help=f"torchreid {_what}"
     )
 for _name, _timm, _what in [
     ("vit_tiny_patch16", "vit_tiny_patch16_224", "ViT-Tiny/16, 5.5M parameters, 192-d"),
     ("vit_small_patch16", "vit_small_patch16_224", "ViT-Small/16, 21.6M parameters, 384-d"),
 ]:
-    BACKBONES.register(_name, BackboneSpec(lambda a=_timm: timm_trunk(a), None, _what), help=f"timm {_what}")
+    BACKBONES.register(_name, BackboneSpec(functools.partial(timm_trunk, _timm), None, _what), help=f"timm {_what}")
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """D, the width of the features of a backbone built from :data:`BACKBONES` (its ``feature_dim``).
+
+    A plain int attribute, which ``nn.Module``'s annotations (tensors and submodules only) do not know of.
+    """
+    return cast(int, backbone.feature_dim)
 
 
 def build_backbone(name: str) -> nn.Module:

@@ -1,8 +1,8 @@
 """The online/target pair and its EMA update, and the multi-resolution resize of the views.
 
 The online network is backbone -> projector -> predictor; the target network is an EMA copy of backbone ->
-projector that never receives a gradient (docs/method.md, "The online/target pair" and "The EMA target"). Setting ``target="shared"`` turns
-the pair into a single network for the SimCLR baseline.
+projector that never receives a gradient (docs/method.md, "The online/target pair" and "The EMA target").
+Setting ``target="shared"`` turns the pair into a single network for the SimCLR baseline.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reid_ssl.models.backbones import build_backbone
+from reid_ssl.models.backbones import build_backbone, feature_dim
 from reid_ssl.models.heads import mlp_head
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class SSLModel(nn.Module):
             raise ValueError(f"target must be 'ema' or 'shared', got {target!r}")
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone)
-        self.projector = mlp_head(self.backbone.feature_dim, proj_hidden_dim, proj_dim, init="kaiming")
+        self.projector = mlp_head(feature_dim(self.backbone), proj_hidden_dim, proj_dim, init="kaiming")
         self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim, init="normal") if predictor else None
         self.target_mode = target
         self.target_backbone: nn.Module | None = None
@@ -121,8 +122,8 @@ def update_target(model: SSLModel, momentum: float) -> None:
         return
     assert model.target_backbone is not None and model.target_projector is not None
     pairs = [(model.target_backbone, model.backbone), (model.target_projector, model.projector)]
-    targets = [t for tm, _ in pairs for t in tm.parameters()]
-    onlines = [o.detach() for _, om in pairs for o in om.parameters()]
+    targets: list[torch.Tensor] = [t for tm, _ in pairs for t in tm.parameters()]
+    onlines: list[torch.Tensor] = [o.detach() for _, om in pairs for o in om.parameters()]
     torch._foreach_mul_(targets, momentum)
     torch._foreach_add_(targets, onlines, alpha=1.0 - momentum)
 
@@ -130,9 +131,9 @@ def update_target(model: SSLModel, momentum: float) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers."""
     while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        if hasattr(model, "module"):  # DistributedDataParallel
+            model = cast(nn.Module, model.module)
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model

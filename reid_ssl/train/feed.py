@@ -175,7 +175,8 @@ class ShardFeed:
         if min(shares) < self.batch:
             raise InputError(
                 f"{root}: {len(manifest['shards'])} shards give a process only {min(shares)} images, fewer "
-                f"than one batch of {self.batch}; write more, smaller shards (--samples-per-shard) or use fewer processes"
+                f"than one batch of {self.batch}; write more, smaller shards (--samples-per-shard) "
+                "or use fewer processes"
             )
 
     def smallest_batch(self, n: int) -> None:

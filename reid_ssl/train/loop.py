@@ -122,7 +122,14 @@ def train(
     run = _build(plan)
     if plan.checkpoint is not None and run.step >= run.total_steps:
         return _summary(run, plan, already_finished=True)
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.d.main), dynamic_ncols=True)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        desc="train",
+        unit="step",
+        disable=not (progress and run.d.main),
+        dynamic_ncols=True,
+    )
     while run.step < run.total_steps:
         _train_epoch(run, bar)
         _end_of_epoch(run, monitor, bar if progress else None)
@@ -285,7 +292,9 @@ def _pass(run: _Run, bar: tqdm, common: int) -> int:
                 assert run.logs is not None
                 wait = data_s / max(time.perf_counter() - t_log, 1e-9)
                 k_lo, k_hi = run.loss_cfg.k_lo, run.loss_cfg.k_hi
-                run.logs.step(run.step, run.epoch, run.last_loss, lr, momentum, rate, wait, similarity_stats(p1, z2, k_lo, k_hi))
+                run.logs.step(
+                    run.step, run.epoch, run.last_loss, lr, momentum, rate, wait, similarity_stats(p1, z2, k_lo, k_hi)
+                )
                 data_s, t_log = 0.0, time.perf_counter()
         if run.step >= run.total_steps:
             break

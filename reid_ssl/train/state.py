@@ -25,6 +25,7 @@ from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidS
 from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
 from reid_ssl.losses.krule import auto_window
 from reid_ssl.models import SSLModel
+from reid_ssl.models.backbones import feature_dim
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -41,6 +42,7 @@ def rng_state() -> dict[str, Any]:
     """RNG states as tensors / plain lists (loadable with weights_only=True)."""
     py = random.getstate()
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: the legacy tuple
     state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -124,7 +126,7 @@ def training_checkpoint(
     """Everything a resume needs; ``feed_state`` says where in ``epoch`` the data stopped
     (:meth:`reid_ssl.train.feed.Feed.state`)."""
     return {
-        "backbone": backbone_block(cfg.model.backbone, model.backbone.feature_dim, model.backbone.state_dict()),
+        "backbone": backbone_block(cfg.model.backbone, feature_dim(model.backbone), model.backbone.state_dict()),
         "preprocess": preprocess_from_config(cfg),
         "config": to_dict(cfg),
         "step": step,
@@ -247,7 +249,9 @@ def check_same_start(d: Dist, plan: RunPlan) -> None:
     here = None if plan.checkpoint is None else (str(plan.source), plan.checkpoint["step"])
     every = all_values(here, d)
     if any(e != every[0] for e in every):
-        seen = "; ".join(f"process {r}: {'step %d of %s' % (e[1], e[0]) if e else 'no checkpoint'}" for r, e in enumerate(every))
+        seen = "; ".join(
+            f"process {r}: {f'step {e[1]} of {e[0]}' if e else 'no checkpoint'}" for r, e in enumerate(every)
+        )
         raise CheckpointError(
             f"the processes of this job disagree about where to start ({seen}). train.out_dir "
             f"({plan.cfg.train.out_dir}) must be one folder that every node sees (a shared filesystem), or pass "
@@ -278,7 +282,10 @@ def place_model(
     wrapped: nn.Module = model
     ddp = None
     if d.world_size > 1:
-        wrapped = ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.train.compile:
-        wrapped = torch.compile(wrapped)
+        # torch.compile's annotation says Callable; given a module it returns an OptimizedModule (nn.Module)
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     return core, wrapped, ddp

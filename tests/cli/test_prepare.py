@@ -11,7 +11,17 @@ from tests.data.video.conftest import colour_detector, write_video  # noqa: F401
 
 def test_prepare_video_cli(tmp_path: Path, capsys, colour_detector) -> None:  # noqa: F811
     video = write_video(tmp_path / "hall.avi", 50)
-    argv = ["prepare", "video", str(video), "--out", str(tmp_path / "out"), "--detector", "colour", "--min-height", "20"]
+    argv = [
+        "prepare",
+        "video",
+        str(video),
+        "--out",
+        str(tmp_path / "out"),
+        "--detector",
+        "colour",
+        "--min-height",
+        "20",
+    ]
     assert main([*argv, "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["inputs"][0]["camera"] == "hall" and manifest["counts"]["tracks"] >= 4

@@ -39,7 +39,10 @@ def test_list_file_quirks_and_bags(tmp_path: Path) -> None:
 def test_windows_lists_and_bad_lines(tmp_path: Path) -> None:
     _touch(tmp_path, "a/1.jpg", "a/2.jpg")
     (tmp_path / "win.txt").write_bytes(b"a\\1.jpg\r\na\\2.jpg\r\n")
-    assert [p.path for p in read_image_list(tmp_path / "win.txt", tmp_path)] == [tmp_path / "a/1.jpg", tmp_path / "a/2.jpg"]
+    assert [p.path for p in read_image_list(tmp_path / "win.txt", tmp_path)] == [
+        tmp_path / "a/1.jpg",
+        tmp_path / "a/2.jpg",
+    ]
     (tmp_path / "bad.txt").write_bytes(b"a/1.jpg\nnotes.txt\n")
     with pytest.raises(DatasetLayoutError, match=r"bad.txt:2: 'notes.txt' is not an image file name"):
         read_image_list(tmp_path / "bad.txt", tmp_path)
@@ -48,9 +51,25 @@ def test_windows_lists_and_bad_lines(tmp_path: Path) -> None:
 
 
 def test_folder_scan_sorted_bags_and_junk(tmp_path: Path) -> None:
-    _touch(tmp_path, "t2/000010.jpg", "t2/000011.jpg", "t1/000001.jpg", "t1/000002.png", "t1/._000001.jpg", ".cache/9.jpg", "t1/notes.txt", "top.jpg")
+    _touch(
+        tmp_path,
+        "t2/000010.jpg",
+        "t2/000011.jpg",
+        "t1/000001.jpg",
+        "t1/000002.png",
+        "t1/._000001.jpg",
+        ".cache/9.jpg",
+        "t1/notes.txt",
+        "top.jpg",
+    )
     items = scan_folder(tmp_path)
-    assert [p.path.relative_to(tmp_path).as_posix() for p in items] == ["top.jpg", "t1/000001.jpg", "t1/000002.png", "t2/000010.jpg", "t2/000011.jpg"]
+    assert [p.path.relative_to(tmp_path).as_posix() for p in items] == [
+        "top.jpg",
+        "t1/000001.jpg",
+        "t1/000002.png",
+        "t2/000010.jpg",
+        "t2/000011.jpg",
+    ]
     assert items.bags.tolist() == [0, 1, 1, 2, 2]
     assert scan_folder(tmp_path, bags=False).bags.tolist() == [-1] * 5
     stats = bag_stats(scan_folder(tmp_path / "t1").subset(np.array([0, 1])))

@@ -72,7 +72,9 @@ def test_eval_with_a_latin1_name_writes_its_json(tmp_path: Path, checkpoint: Pat
     from reid_ssl.eval.reid import evaluate_checkpoint
 
     root = write_market_tree(tmp_path / "market")
-    write_person_image(root / "bounding_box_test" / os.fsdecode(b"0012_c3s1_000555_00\xe9.jpg"), 12, np.random.default_rng(2))
+    write_person_image(
+        root / "bounding_box_test" / os.fsdecode(b"0012_c3s1_000555_00\xe9.jpg"), 12, np.random.default_rng(2)
+    )
     (root / "bounding_box_test" / os.fsdecode(b"0013_c3s1_000556_00\xe9.jpg")).write_bytes(b"not an image")
     result = evaluate_checkpoint(checkpoint, "market-layout", root, out_dir=tmp_path / "out", num_strips=2)
     failed = result["failures"]["gallery"]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.helpers import write_market_tree, write_person_image
 
-from reid_ssl.images import ImageError
-from reid_ssl.data.reid import TRACKLET_NOTE, SYSU_DISTRACTOR_PID, DatasetLayoutError, read_market_dir, relabel
 from reid_ssl.data.datasets import REID_DATASETS, load_split
+from reid_ssl.data.reid import SYSU_DISTRACTOR_PID, TRACKLET_NOTE, DatasetLayoutError, read_market_dir, relabel
 from reid_ssl.data.torchreid_bridge import import_torchreid, register_torchreid_datasets, torchreid_dataset_class
+from reid_ssl.images import ImageError
+from tests.helpers import write_market_tree, write_person_image
 
 
 def pids(items) -> set[int]:

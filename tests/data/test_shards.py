@@ -119,7 +119,7 @@ def test_nothing_is_overwritten_and_bad_folders_are_named(bags: Path, tmp_path: 
     with pytest.raises(MissingFileError, match="prepare shards"):
         read_manifest(tmp_path)
     (tmp_path / "s" / "shard-000000.tar").unlink()
-    with pytest.raises(DatasetLayoutError, match="shard-000000.tar"):
+    with pytest.raises(DatasetLayoutError, match=r"shard-000000\.tar"):
         read_manifest(tmp_path / "s")
 
 
@@ -132,7 +132,15 @@ def test_cli_prepare_shards_then_train(bags: Path, tmp_path: Path, capsys) -> No
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # never replaced silently
     smoke = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
     run = tmp_path / "run"
-    common = ["train", "-c", smoke, "data.source=shards", f"data.root={out}", f"train.out_dir={run}", "train.sample_log=true"]
+    common = [
+        "train",
+        "-c",
+        smoke,
+        "data.source=shards",
+        f"data.root={out}",
+        f"train.out_dir={run}",
+        "train.sample_log=true",
+    ]
     assert main([*common, "train.max_steps=3", "--json"]) == 0  # stops inside epoch 0
     capsys.readouterr()
     assert main([*common, "--json"]) == 0  # continues: the rest of epoch 0, then epoch 1

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from reid_ssl.config import AugmentConfig, DataConfig
-from reid_ssl.data.sampler import EpochSampler
-from reid_ssl.errors import DatasetLayoutError as LayoutError
-from reid_ssl.data.datasets import build_source
-from reid_ssl.data.ssl_sources import folder_source, imagenet_source, list_source, sysu30k_source
 from reid_ssl.data.augment import two_view_dataset
+from reid_ssl.data.datasets import build_source
+from reid_ssl.data.sampler import EpochSampler
+from reid_ssl.data.ssl_sources import folder_source, imagenet_source, list_source, sysu30k_source
+from reid_ssl.errors import DatasetLayoutError as LayoutError
 from tests.helpers import write_person_image
 
 RNG = np.random.default_rng(0)

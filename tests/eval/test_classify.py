@@ -7,10 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.helpers import write_person_image
 
-from reid_ssl.data.classification import FASHION_MNIST_ROOT, load_fashion_mnist, load_image_folder, per_class_subset, read_idx
+from reid_ssl.data.classification import (
+    FASHION_MNIST_ROOT,
+    load_fashion_mnist,
+    load_image_folder,
+    per_class_subset,
+    read_idx,
+)
 from reid_ssl.eval.classify import evaluate_classification, knn_classify, linear_probe
+from tests.helpers import write_person_image
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-
-from reid_ssl.eval.distances import distance_matrix, evaluate_features
-from reid_ssl.eval.reid import evaluate_checkpoint
-from reid_ssl.eval.metrics import evaluate_rank
-from reid_ssl.eval import rerank as rerank_module
-from reid_ssl.eval.figures import CORRECT, QUERY, WRONG, ranked_strip
-from reid_ssl.eval.rerank import rerank_distances
 from reid_ssl.data.torchreid_bridge import import_torchreid
+from reid_ssl.eval import rerank as rerank_module
+from reid_ssl.eval.distances import distance_matrix, evaluate_features
+from reid_ssl.eval.figures import CORRECT, QUERY, WRONG, ranked_strip
+from reid_ssl.eval.metrics import evaluate_rank
+from reid_ssl.eval.reid import evaluate_checkpoint
+from reid_ssl.eval.rerank import rerank_distances
 
 
 def random_case(

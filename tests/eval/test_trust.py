@@ -34,7 +34,22 @@ def test_collapsed_checkpoint_is_flagged(tmp_path: Path, market_tree: Path, caps
     result = evaluate_checkpoint(ckpt, "market-layout", market_tree, out_dir=tmp_path / "o", num_strips=0)
     assert result["feature_spread"] < 1e-3 and len(result["warnings"]) == 1
     assert "collapsed" in result["warnings"][0] and str(ckpt) in result["warnings"][0]
-    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "market-layout", "--root", str(market_tree), "--strips", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--dataset",
+                "market-layout",
+                "--root",
+                str(market_tree),
+                "--strips",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "WARNING" in capsys.readouterr().err
 
 
@@ -44,7 +59,9 @@ def test_healthy_checkpoint_has_no_warning(tmp_path: Path, market_tree: Path, ch
 
 
 def test_nan_weights_are_blamed_on_the_checkpoint(tmp_path: Path, market_tree: Path, capsys) -> None:
-    ckpt = _checkpoint(tmp_path / "diverged.pt", lambda net: net.layer4[0].conv1.weight.__setitem__((0, 0, 0, 0), float("nan")))
+    ckpt = _checkpoint(
+        tmp_path / "diverged.pt", lambda net: net.layer4[0].conv1.weight.__setitem__((0, 0, 0, 0), float("nan"))
+    )
     with pytest.raises(CheckpointError, match=r"diverged.pt: 1 backbone tensors hold NaN.*layer4.0.conv1.weight"):
         load_checkpoint(ckpt)
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "market-layout", "--root", str(market_tree)]) == 2

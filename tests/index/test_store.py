@@ -176,7 +176,9 @@ def test_concurrent_writers_cannot_corrupt_the_index(tmp_path):
     writer = index_writer_script(rounds=5)
     folder = tmp_path / "idx"
     GalleryIndex.create(index_info(8), "flat").save(folder)
-    procs = [subprocess.Popen([sys.executable, "-c", writer, str(folder), str(w)], env=SUBPROCESS_ENV) for w in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", writer, str(folder), str(w)], env=SUBPROCESS_ENV) for w in range(4)
+    ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     idx = GalleryIndex.load(folder)
     assert idx.ntotal == 60 and len(set(idx.ids.tolist())) == 60 and idx._index.ntotal == 60

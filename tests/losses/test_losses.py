@@ -171,7 +171,7 @@ def test_every_registered_loss_gives_a_finite_scalar(name):
     assert loss.ndim == 0 and torch.isfinite(loss) and torch.isfinite(p.grad).all()
 
 
-# ----- the Bernoulli rule (docs/method.md, "Choosing k") -----------------------------------------------------------------
+# ----- the Bernoulli rule (docs/method.md, "Choosing k") ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,9 @@ def test_init_from_timm_and_torchreid_files(tmp_path: Path) -> None:
     sd = {f"module.{k}": v for k, v in osnet.state_dict().items()} | {"module.classifier.weight": torch.zeros(751, 512)}
     torch.save({"state_dict": sd, "epoch": 10}, torchreid_file)
     for name, path, source in [("vit_tiny_patch16", timm_file, vit), ("osnet_x0_25", torchreid_file, osnet)]:
-        model = build_model(load_config(None, [f"model.backbone={name}", "model.proj_hidden_dim=32", "model.pred_hidden_dim=32"]))
+        model = build_model(
+            load_config(None, [f"model.backbone={name}", "model.proj_hidden_dim=32", "model.pred_hidden_dim=32"])
+        )
         load_backbone_init(model, str(path))
         for k, v in source.state_dict().items():
             assert torch.equal(model.backbone.state_dict()[k], v), k
@@ -72,6 +74,10 @@ def test_init_never_downloads_and_refuses_what_does_not_fit(tmp_path: Path) -> N
         load_backbone_init(model, str(tmp_path / "osnet.pth"))
     ckpt = save_checkpoint(
         tmp_path / "r.pt",
-        {"backbone": backbone_block("resnet18", 512, build_backbone("resnet18").state_dict()), "preprocess": make_preprocess(64, 32), "config": {}},
+        {
+            "backbone": backbone_block("resnet18", 512, build_backbone("resnet18").state_dict()),
+            "preprocess": make_preprocess(64, 32),
+            "config": {},
+        },
     )
     load_backbone_init(model, str(ckpt))  # a reid_ssl checkpoint of the same architecture loads

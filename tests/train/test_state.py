@@ -33,7 +33,9 @@ def test_auto_window_from_bags(tmp_path: Path) -> None:
     assert (info["bags"], info["max_cooccurring_bags"], info["identities"]) == (12, 3, 6)
     assert loss.k_hi - loss.k_lo == cfg.loss.k_hi - cfg.loss.k_lo and info["p_true_negative"] >= 0.99
     assert loss.k_lo > cfg.loss.k_lo  # few people in a batch of 64: the paper's rank 2 would often be the same person
-    given, info = resolve_deputy_window(load_config(None, ["loss.k=auto", "loss.identities=1000"]), bag_stats(items), 63)
+    given, info = resolve_deputy_window(
+        load_config(None, ["loss.k=auto", "loss.identities=1000"]), bag_stats(items), 63
+    )
     assert info["identities_source"] == "loss.identities" and given.k_lo == 2  # the paper's rank 2, at 1000 ids
     fixed, info = resolve_deputy_window(load_config(None, []), bag_stats(items), 63)
     assert (fixed.k_lo, fixed.k_hi) == (2, 10) and 0 < info["p_true_negative"] < 0.99  # logged, not acted on
@@ -44,5 +46,5 @@ def test_auto_window_needs_identities_or_bags(tmp_path: Path) -> None:
     for n in range(4):
         write_person_image(tmp_path / "flat" / f"{n}.jpg", n, rng)
     items = scan_folder(tmp_path / "flat", bags=False)
-    with pytest.raises(InputError, match="loss.identities"):
+    with pytest.raises(InputError, match=r"loss\.identities"):
         resolve_deputy_window(load_config(None, ["loss.k=auto"]), bag_stats(items), 63)

@@ -18,14 +18,13 @@ greedy NMS at IoU 0.4 keeping SVM scores > 0.3.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import cv2
-import math
-
 import numpy as np
 
 from reid_ssl.errors import DependencyError, InputError
@@ -169,9 +168,13 @@ class HOGDetector:
                 f"frame too small to detect people: {width}x{height} (min {need_w}x{need_h} here; the HOG "
                 f"detector's window is {HOG_WINDOW[0]}x{HOG_WINDOW[1]})"
             )
-        big = frame if f == 1.0 else cv2.resize(frame, (sw, sh), interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
+        big = (
+            frame
+            if f == 1.0
+            else cv2.resize(frame, (sw, sh), interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
+        )
         hog = cv2.HOGDescriptor()  # one per call: cheap, and never shared between threads
-        hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        hog.setSVMDetector(cv2.HOGDescriptor.getDefaultPeopleDetector())
         rects, weights = hog.detectMultiScale(
             np.ascontiguousarray(big),
             winStride=(self.win_stride, self.win_stride),
@@ -227,7 +230,9 @@ class TorchvisionDetector:
             torchvision publishes); CheckpointError: it does not load into the architecture.
     """
 
-    def __init__(self, arch: str, weights: str | None = None, score_threshold: float = 0.5, device: str = "auto") -> None:
+    def __init__(
+        self, arch: str, weights: str | None = None, score_threshold: float = 0.5, device: str = "auto"
+    ) -> None:
         import torchvision
 
         from reid_ssl.checkpoint import safe_torch_load
@@ -290,17 +295,24 @@ def _hog(weights: str | None, min_score: float | None, device: str) -> Detector:
     return HOGDetector(score_threshold=-float(np.log1p(-min_score)))  # the margin whose confidence is min_score
 
 
+def _torchvision_factory(name: str) -> DetectorFactory:
+    def build(weights: str | None, min_score: float | None, device: str) -> Detector:
+        return TorchvisionDetector(name, weights, 0.5 if min_score is None else min_score, device)
+
+    return build
+
+
 for _name, _arch in TORCHVISION_DETECTORS.items():
     DETECTORS.register(
         _name,
-        lambda weights, min_score, device, _n=_name: TorchvisionDetector(
-            _n, weights, 0.5 if min_score is None else min_score, device
-        ),
+        _torchvision_factory(_name),
         help=f"torchvision {_arch.builder}, COCO person class, from a local --weights file ({_arch.weights_file})",
     )
 
 
-def build_detector(name: str = "hog", weights: str | None = None, min_score: float | None = None, device: str = "auto") -> Detector:
+def build_detector(
+    name: str = "hog", weights: str | None = None, min_score: float | None = None, device: str = "auto"
+) -> Detector:
     """A detector from :data:`DETECTORS`.
 
     Raises:

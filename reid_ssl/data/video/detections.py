@@ -70,7 +70,10 @@ class DetectionLog:
         with open(self.csv, "rb") as f:
             text = f.read(self.state["bytes"]).decode()
         rows = list(csv.DictReader(text.splitlines()))
-        return [Detection(int(r["frame"]), int(r["x"]), int(r["y"]), int(r["w"]), int(r["h"]), float(r["score"])) for r in rows]
+        return [
+            Detection(int(r["frame"]), int(r["x"]), int(r["y"]), int(r["w"]), int(r["h"]), float(r["score"]))
+            for r in rows
+        ]
 
 
 def detect_all(

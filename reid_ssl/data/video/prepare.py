@@ -81,7 +81,9 @@ class TrackedInput:
 def camera_names(inputs: list[Path], given: list[str] | None) -> list[str]:
     """One safe, unique camera name per input: ``given`` (one per input), else the file or folder name."""
     if given and len(given) != len(inputs):
-        raise InputError(f"--camera was given {len(given)} times for {len(inputs)} inputs; give it once per input or not at all")
+        raise InputError(
+            f"--camera was given {len(given)} times for {len(inputs)} inputs; give it once per input or not at all"
+        )
     names = []
     for i, raw in enumerate(given or [p.stem for p in inputs]):
         name = re.sub(r"[^A-Za-z0-9_]+", "_", display(raw)).strip("_") or f"cam{i}"
@@ -109,7 +111,10 @@ def prepare_video(
     paths = [Path(p) for p in inputs]
     if len({p.resolve() for p in paths}) != len(paths):
         raise InputError("the same input is given twice")
-    items = [TrackedInput(p, c, i, FrameSource(p, opt.source_fps)) for i, (p, c) in enumerate(zip(paths, camera_names(paths, cameras), strict=True))]
+    items = [
+        TrackedInput(p, c, i, FrameSource(p, opt.source_fps))
+        for i, (p, c) in enumerate(zip(paths, camera_names(paths, cameras), strict=True))
+    ]
     digest = _digest(items, opt)
     _check_target(out, digest, overwrite)
     detector = build_detector(opt.detector, weights=opt.weights, min_score=opt.min_score)
@@ -120,12 +125,23 @@ def prepare_video(
         if log.complete:
             detections = log.read()
         else:
-            with tqdm(total=selection.count or None, initial=log.state["frames"], desc=f"detect {item.camera}", unit="frame", disable=not progress) as bar:
-                detections = detect_all(item.source, selection, detector, log, opt.min_height, on_frame=lambda _: bar.update(1))
+            with tqdm(
+                total=selection.count or None,
+                initial=log.state["frames"],
+                desc=f"detect {item.camera}",
+                unit="frame",
+                disable=not progress,
+            ) as bar:
+                detections = detect_all(
+                    item.source, selection, detector, log, opt.min_height, on_frame=lambda _: bar.update(1)
+                )
         by_frame: dict[int, list[Any]] = {}
         for d in detections:
             by_frame.setdefault(d.frame, []).append(d)
-        frames = ((f, by_frame.get(f, [])) for f in range(selection.start, min(selection.end, log.state["done_until"] + 1), selection.step))
+        frames = (
+            (f, by_frame.get(f, []))
+            for f in range(selection.start, min(selection.end, log.state["done_until"] + 1), selection.step)
+        )
         raw = bytetrack(frames, item.source.fps / selection.step, opt.tracker)
         item.tracks = cut_uncertain(raw, selection.step, opt.tracker)
     seconds = {"detect_track": round(time.perf_counter() - t0, 2)}
@@ -200,13 +216,17 @@ def publish(
                 jobs[camid].setdefault(track.frame, []).append((track.box, paths))
         t0 = time.perf_counter()
         for item in tqdm(items, desc="crops", disable=not progress or len(items) == 1):
-            write_crops(item.source, item.source.select(opt.fps, opt.start_s, opt.end_s), jobs[item.camid], opt.jpeg_quality)
+            write_crops(
+                item.source, item.source.select(opt.fps, opt.start_s, opt.end_s), jobs[item.camid], opt.jpeg_quality
+            )
         seconds["crops"] = round(time.perf_counter() - t0, 2)
         _write_tracks_csv(build / "tracks.csv", rows)
         for item in items:
             bag_dirs = sorted(p for p in (build / "train").glob(f"{item.camera}-*") if p.is_dir())
             if bag_dirs:
-                contact_sheet([(d.name, sorted(d.glob("*.jpg"))) for d in bag_dirs], build / f"contact_{item.camera}.png")
+                contact_sheet(
+                    [(d.name, sorted(d.glob("*.jpg"))) for d in bag_dirs], build / f"contact_{item.camera}.png"
+                )
         manifest = {**_manifest(items, tracks, opt, digest, seconds), **(extra or {})}
         new = sorted(build.iterdir())
         (out / "manifest.json").unlink(missing_ok=True)  # from here until the end, the output reads as unfinished
@@ -227,7 +247,9 @@ def publish(
         shutil.rmtree(build, ignore_errors=True)
 
 
-def _assign(items: list[TrackedInput], opt: VideoOptions) -> tuple[list[TrackBox], list[tuple[int, str, TrackBox, str]], list[dict[str, Any]]]:
+def _assign(
+    items: list[TrackedInput], opt: VideoOptions
+) -> tuple[list[TrackBox], list[tuple[int, str, TrackBox, str]], list[dict[str, Any]]]:
     """Global tracklet ids (1.. over all inputs), their bags and Market paths, and the tracks.csv rows."""
     tracks: list[TrackBox] = []
     origin: dict[int, TrackedInput] = {}
@@ -263,7 +285,9 @@ def _write_tracks_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"))
 
 
-def _manifest(items: list[TrackedInput], tracks: list[TrackBox], opt: VideoOptions, digest: str, seconds: dict[str, float]) -> dict[str, Any]:
+def _manifest(
+    items: list[TrackedInput], tracks: list[TrackBox], opt: VideoOptions, digest: str, seconds: dict[str, float]
+) -> dict[str, Any]:
     split = split_counts(split_tracklets(tracks, opt.protocol)) if opt.split else None
     return {
         "format": FORMAT,

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from reid_ssl.data.video.detect import clip_box
-from reid_ssl.data.video.frames import FrameSource, FrameSelection
+from reid_ssl.data.video.frames import FrameSelection, FrameSource
 
 # frame index -> [(box x, y, w, h, destination files: the first is written, the others are hard links to it)]
 CropJobs = dict[int, list[tuple[tuple[int, int, int, int], list[Path]]]]
@@ -57,7 +57,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def contact_sheet(
-    tracklets: Sequence[tuple[str, Sequence[Path]]], path: Path, per_row: int = 12, height: int = 64, max_rows: int = 300
+    tracklets: Sequence[tuple[str, Sequence[Path]]],
+    path: Path,
+    per_row: int = 12,
+    height: int = 64,
+    max_rows: int = 300,
 ) -> Path:
     """One row per tracklet: its label, then up to ``per_row`` evenly spaced crops scaled to ``height`` px.
 

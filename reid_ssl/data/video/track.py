@@ -99,7 +99,9 @@ def bytetrack(frames: Iterable[tuple[int, Sequence[Detection]]], fps: float, opt
         # the tracker returns the detections it kept, with their own boxes and ids (-1: not confirmed yet)
         for (x0, y0, x1, y1), tid, score in zip(tracked.xyxy, tracked.tracker_id, tracked.confidence, strict=True):
             if tid >= 0:
-                out.append(TrackBox(frame, int(tid) + 1, round(x0), round(y0), round(x1 - x0), round(y1 - y0), float(score)))
+                out.append(
+                    TrackBox(frame, int(tid) + 1, round(x0), round(y0), round(x1 - x0), round(y1 - y0), float(score))
+                )
     return out
 
 

@@ -83,6 +83,6 @@ class ColourDetector:
 @pytest.fixture
 def colour_detector(monkeypatch: pytest.MonkeyPatch) -> type[ColourDetector]:
     ColourDetector.calls, ColourDetector.fail_after = 0, None
-    monkeypatch.setitem(DETECTORS._entries, "colour", lambda weights, min_score, device: ColourDetector())  # noqa: SLF001
-    monkeypatch.setitem(DETECTORS._help, "colour", "test colours")  # noqa: SLF001
+    monkeypatch.setitem(DETECTORS._entries, "colour", lambda weights, min_score, device: ColourDetector())
+    monkeypatch.setitem(DETECTORS._help, "colour", "test colours")
     return ColourDetector

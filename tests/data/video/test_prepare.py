@@ -70,21 +70,29 @@ def test_resume_after_a_kill_redoes_at_most_one_block(tmp_path: Path, colour_det
 def test_split_writes_train_bags_and_market_layouts(tmp_path: Path, colour_detector) -> None:
     from reid_ssl.data.video.split import SplitProtocol
 
-    opt = VideoOptions(detector="colour", min_height=20, split=True, protocol=SplitProtocol(min_test_len=8, queries_per_tracklet=2))
-    manifest = prepare_video([write_video(tmp_path / "a.avi"), write_video(tmp_path / "b.avi", 60)], tmp_path / "out", ["left", "right"], opt)
+    opt = VideoOptions(
+        detector="colour", min_height=20, split=True, protocol=SplitProtocol(min_test_len=8, queries_per_tracklet=2)
+    )
+    manifest = prepare_video(
+        [write_video(tmp_path / "a.avi"), write_video(tmp_path / "b.avi", 60)], tmp_path / "out", ["left", "right"], opt
+    )
     split = load_split("video", tmp_path / "out")
     assert manifest["split"]["test_tracklets"] >= 1 and len(split.query) >= 2 and len(split.gallery) >= 2
     assert {c for _, _, c in split.query} == {0}  # queries come from the first half of a tracklet
     bags = [p.name for p in (tmp_path / "out" / "train").iterdir()]
     assert bags and all(b.startswith(("left-", "right-")) for b in bags)
-    tracks = {int(r["track"]) for r in csv.DictReader((tmp_path / "out" / "tracks.csv").open()) if r["market"].startswith("market/query")}
+    tracks = {
+        int(r["track"])
+        for r in csv.DictReader((tmp_path / "out" / "tracks.csv").open())
+        if r["market"].startswith("market/query")
+    }
     assert not any(int(b.split("-")[1]) in tracks for b in bags)  # no test tracklet is trained on
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs"][1]["camera"] == "right"
 
 
 def test_bad_inputs_give_clear_errors_and_publish_nothing(tmp_path: Path, colour_detector) -> None:
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
-    with pytest.raises(VideoError, match="junk.mp4"):
+    with pytest.raises(VideoError, match=r"junk\.mp4"):
         prepare_video([tmp_path / "junk.mp4"], tmp_path / "out", options=OPTIONS)
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoError, match="without frame images"):
@@ -103,5 +111,7 @@ def test_a_different_output_is_never_overwritten_silently(tmp_path: Path, colour
     prepare_video([video], tmp_path / "out", options=OPTIONS)
     with pytest.raises(AlreadyExistsError, match="--overwrite"):
         prepare_video([video], tmp_path / "out", options=VideoOptions(detector="colour", min_height=20, fps=5))
-    again = prepare_video([video], tmp_path / "out", options=VideoOptions(detector="colour", min_height=20, fps=5), overwrite=True)
+    again = prepare_video(
+        [video], tmp_path / "out", options=VideoOptions(detector="colour", min_height=20, fps=5), overwrite=True
+    )
     assert again["options"]["fps"] == 5

@@ -14,7 +14,8 @@ def _tracks(lengths: dict[int, int], start: int = 0) -> list[TrackBox]:
 def test_split_tracklets_protocol() -> None:
     lengths = {1: 30, 2: 25, 3: 4, 4: 21, 5: 40, 6: 20, 7: 8, 8: 19, 9: 22}
     items = split_tracklets(
-        _tracks(lengths), SplitProtocol(min_test_len=20, test_every=3, test_offset=1, queries_per_tracklet=2, val_every=0)
+        _tracks(lengths),
+        SplitProtocol(min_test_len=20, test_every=3, test_offset=1, queries_per_tracklet=2, val_every=0),
     )
     # tracklets with >= 20 boxes, by id: 1 2 4 5 6 9 -> every 3rd from the 2nd: 2 and 6
     test = {i.box.track for i in items if i.subset != "train"}
