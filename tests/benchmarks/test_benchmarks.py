@@ -28,7 +28,6 @@ REPO = machine.REPO
 HAVE_PETS09 = presets.dataset_available("pets09") is None
 HAVE_FASHION = presets.dataset_available("fashion-mnist") is None
 HAVE_LIGHTLY = machine.package_version("lightly") is not None
-# Keys whose value may be null: no GPU / package, or a curve that never reaches BYOL's final accuracy.
 # Keys that may be null: no GPU / lightly here, curves not long enough, a run that did not resume
 # (resumed_at_step), a smoke run too short for the loss to be read back (loss: the trainer reads it every
 # train.log_every_steps).
@@ -48,6 +47,7 @@ def _scripts() -> dict[str, list[str]]:
     }
     if HAVE_PETS09:
         scripts["precision"] = []
+        scripts["calibration"] = []
     if not HAVE_LIGHTLY:
         del scripts["peer_lightly"], scripts["throughput"]
     return scripts
@@ -215,6 +215,17 @@ def test_precision_smoke(smoke):
         fp32, bf16 = (r["precisions"][a]["final"][m]["mean"] for a in ("none", "bf16"))
         assert d["mean"] == pytest.approx(bf16 - fp32)
     assert r["precisions"]["bf16"]["runs"][0]["epochs"] == [0, 1, 2] and Path(r["plot"]).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_PETS09, reason="PETS09 crops not built (make data)")
+def test_calibration_smoke(smoke):
+    r = result_of(smoke, "calibration")
+    (run,) = r["runs"]
+    for scores in (run["raw"], run["centred"]):
+        assert scores["queries"] > 100 and 0 <= scores["youden_j"] <= scores["j_ceiling"] + 1e-6
+    low, high = run["raw"]["top10_range"]
+    assert run["centred"]["top10_range"][0] < low <= high <= 1.0 + 1e-6  # centring spreads the scores
 
 
 @pytest.mark.slow
