@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def _scripts() -> dict[str, list[str]]:
     if HAVE_PETS09:
         scripts["precision"] = []
         scripts["calibration"] = []
+    if (REPO / "data" / "vtest.avi").is_file():
+        scripts["own_footage"] = ["--work-dir", str(Path(tempfile.mkdtemp()) / "own_footage")]
     if not HAVE_LIGHTLY:
         del scripts["peer_lightly"], scripts["throughput"]
     return scripts
@@ -226,6 +229,17 @@ def test_calibration_smoke(smoke):
         assert scores["queries"] > 100 and 0 <= scores["youden_j"] <= scores["j_ceiling"] + 1e-6
     low, high = run["raw"]["top10_range"]
     assert run["centred"]["top10_range"][0] < low <= high <= 1.0 + 1e-6  # centring spreads the scores
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "data" / "vtest.avi").is_file(), reason="data/vtest.avi not fetched (make data)")
+def test_own_footage_smoke(smoke):
+    r = result_of(smoke, "own_footage")
+    assert set(r["commands_seconds"]) == {"prepare", "train", "eval video-val", "eval video", "index", "app_ready"}
+    split = r["counts"]["split"]
+    assert split["train_tracklets"] > 0 and split["query"] > 0 and split["gallery"] > 0
+    assert r["index"]["n_indexed"] == split["gallery"] and r["train"]["steps"] == 2
+    assert 0 <= r["eval"]["video"]["mAP"] <= 1
 
 
 @pytest.mark.slow
