@@ -90,7 +90,8 @@ def folder_items(
     for p in iter_images(folder):
         real, skip = _inside(p, root)
         if real is None:
-            skipped.append(skip)  # type: ignore[arg-type]
+            assert skip is not None  # _inside gives the reason with every None
+            skipped.append(skip)
             continue
         items.append(GalleryItem(path=real, source=source, **(market_fields(p.name, pid_is_tracklet) or {})))
     return items, skipped
@@ -154,7 +155,8 @@ def _split_items(
     for path, pid, camid in entries:
         real, skip = _inside(Path(path), root)
         if real is None:
-            skipped.append(skip)  # type: ignore[arg-type]
+            assert skip is not None  # _inside gives the reason with every None
+            skipped.append(skip)
             continue
         frame = (market_fields(path) or {}).get("frame")
         tracklet = pid if pid_is_tracklet and pid >= 0 else None

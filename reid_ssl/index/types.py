@@ -369,7 +369,8 @@ def index_spec(
         spec = type_for_factory(factory).spec_for_factory(factory, n, dim)
     else:
         spec = resolve_type(index_type, n, dim).spec(n, dim)
-    changes: dict[str, Any] = {k: v for k, v in {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}.items() if v}
+    overrides = {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}
+    changes: dict[str, Any] = {k: v for k, v in overrides.items() if v}
     return dataclasses.replace(spec, **changes) if changes else spec
 
 
