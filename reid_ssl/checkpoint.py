@@ -81,8 +81,11 @@ def preprocess_problem(pre: Any) -> str | None:
             return f"preprocess {side}={v!r} is not an integer in 1..{MAX_SIDE}"
     for key in ("mean", "std"):
         v = pre.get(key)
-        ok = isinstance(v, (list, tuple)) and len(v) in (1, 3)
-        ok = ok and all(isinstance(x, (int, float)) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)
+        ok = (
+            isinstance(v, (list, tuple))
+            and len(v) in (1, 3)
+            and all(isinstance(x, (int, float)) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)
+        )
         if not ok:
             return f"preprocess {key}={v!r} is not 1 or 3 finite numbers" + (" > 0" if key == "std" else "")
     if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:

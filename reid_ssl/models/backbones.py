@@ -98,9 +98,7 @@ def timm_trunk(arch: str) -> nn.Module:
     import timm
 
     # Any: timm models have plain attributes (num_features) that nn.Module's annotations do not know
-    model: Any = timm.create_model(
-        arch, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True
-    )
+    model: Any = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
     model.feature_dim = int(model.num_features)
     return model
 

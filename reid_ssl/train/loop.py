@@ -289,7 +289,7 @@ def _pass(run: _Run, bar: tqdm, common: int) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{run.last_loss:.4f}", img_s=f"{rate:.1f}", epoch=run.epoch)
             if run.step % cfg.train.log_every_steps == 0 or run.step == run.total_steps:
-                assert run.logs is not None
+                assert run.logs is not None and run.loss_cfg is not None
                 wait = data_s / max(time.perf_counter() - t_log, 1e-9)
                 k_lo, k_hi = run.loss_cfg.k_lo, run.loss_cfg.k_hi
                 run.logs.step(

@@ -8,7 +8,7 @@ import logging
 import math
 import random
 import re
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,7 @@ def load_backbone_init(model: SSLModel, path: str) -> None:
         model.target_backbone.load_state_dict(model.backbone.state_dict())
 
 
-def autocast_context(amp: str, device: torch.device):  # type: ignore[no-untyped-def]
+def autocast_context(amp: str, device: torch.device) -> AbstractContextManager[Any]:
     if amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
