@@ -100,7 +100,8 @@ def test_cli_search_with_another_checkpoint_is_refused(tmp_path, built, capsys):
     assert "rebuild the index" in capsys.readouterr().err
 
 
-def test_build_help_lists_exactly_the_registered_index_types(capsys):
+def test_build_help_lists_exactly_the_registered_index_types(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap "re-ranking" at its hyphen
     with pytest.raises(SystemExit):
         cli.main(["index", "build", "--help"])
     text = " ".join(capsys.readouterr().out.split())
