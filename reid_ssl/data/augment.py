@@ -159,7 +159,7 @@ class TwoViewDataset(Dataset):
         return int(self.order[random.randrange(self.offsets[b], self.offsets[b + 1])])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        reasons = []
+        reasons: list[str] = []
         for _ in range(10):
             j = self._partner(i)
             try:

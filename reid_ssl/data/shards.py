@@ -55,7 +55,7 @@ def write_shards(
     samples_per_shard: int = 2000,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """Pack ``items`` into tar shards under ``out`` (module docstring); returns the manifest.
 

@@ -49,7 +49,7 @@ def torchreid_dataset_class(name: str, split: ReidSplit | None = None, **options
     if name not in REID_DATASETS():
         raise UnknownNameError(f"unknown re-ID dataset {name!r}; choose one of {list(REID_DATASETS())}")
     torchreid = import_torchreid()
-    base: type = torchreid.data.ImageDataset
+    base: type[Any] = torchreid.data.ImageDataset
     fixed = dict(options)
 
     def __init__(self: Any, root: str = "", **kwargs: Any) -> None:

@@ -174,7 +174,8 @@ class HOGDetector:
             else cv2.resize(frame, (sw, sh), interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
         )
         hog = cv2.HOGDescriptor()  # one per call: cheap, and never shared between threads
-        hog.setSVMDetector(cv2.HOGDescriptor.getDefaultPeopleDetector())
+        # cv2's stubs say the detector is a Sequence[float]; it is an ndarray, which setSVMDetector takes
+        hog.setSVMDetector(cv2.HOGDescriptor.getDefaultPeopleDetector())  # type: ignore[call-overload]
         rects, weights = hog.detectMultiScale(
             np.ascontiguousarray(big),
             winStride=(self.win_stride, self.win_stride),

@@ -83,7 +83,7 @@ def detect_all(
     log: DetectionLog,
     min_height: int = 0,
     block: int = 50,
-    on_frame: Callable[[int], None] | None = None,
+    on_frame: Callable[[int], object] | None = None,
 ) -> list[Detection]:
     """Run ``detector`` over the selected frames not yet in ``log``; returns every detection of the input.
 

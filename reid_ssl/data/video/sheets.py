@@ -78,8 +78,8 @@ def contact_sheet(
         draw.text((4, y + height // 2 - 6), f"{label} ({len(crops)})", fill=(0, 0, 0))
         picks = [crops[i] for i in np.linspace(0, len(crops) - 1, min(per_row, len(crops))).round().astype(int)]
         for c, crop in enumerate(picks):
-            with Image.open(crop) as im:
-                im = im.convert("RGB")
+            with Image.open(crop) as src:
+                im = src.convert("RGB")
                 thumb = im.resize((max(1, round(im.width * height / im.height)), height))
             sheet.paste(thumb.crop((0, 0, min(thumb.width, cell_w - 4), height)), (label_w + c * cell_w, y))
     for k, line in enumerate(note):
