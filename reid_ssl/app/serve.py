@@ -16,6 +16,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -203,9 +204,9 @@ def parse_auth(text: str, origin: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def resolve_auth(auth_file: str | None, environ: dict[str, str] | None = None) -> tuple[list | None, list[str]]:
+def resolve_auth(auth_file: str | None, environ: Mapping[str, str] | None = None) -> tuple[list | None, list[str]]:
     """(credentials or None, warnings) from --auth-file or $REID_SSL_APP_AUTH (the file wins)."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     warnings = []
     if auth_file:
         path = Path(auth_file)
@@ -214,8 +215,8 @@ def resolve_auth(auth_file: str | None, environ: dict[str, str] | None = None) -
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             warnings.append(f"{path} is readable by other users: chmod 600 {path}")
         return parse_auth(path.read_text(), str(path)), warnings
-    if environ.get(AUTH_ENV):
-        return parse_auth(environ[AUTH_ENV], f"${AUTH_ENV}"), warnings
+    if env.get(AUTH_ENV):
+        return parse_auth(env[AUTH_ENV], f"${AUTH_ENV}"), warnings
     return None, warnings
 
 

@@ -307,12 +307,13 @@ class GallerySearchApp:
         if self._index.path is None:
             raise InputError("This index was never saved to a folder, so uploads cannot be kept.")
         pairs = [payload(f) for f in files]
-        if any(p is None for p, _ in pairs):
+        paths: list[str | Path] = [p for p, _ in pairs if p is not None]
+        if len(paths) < len(pairs):
             raise InputError("Every uploaded item must be a file.")
         work = Path(tempfile.mkdtemp(prefix="reid_ssl_upload_"))
         try:
             try:
-                checked = check_upload([p for p, _ in pairs], work, self.limits, [safe_name(n) for _, n in pairs])
+                checked = check_upload(paths, work, self.limits, [safe_name(n) for _, n in pairs])
             except UploadError as e:
                 raise UploadError(f"Nothing was added: {e}.") from None
             problems = list(checked.problems)

@@ -118,8 +118,8 @@ def pick_examples(index: GalleryIndex, limit: int = 6) -> list[str]:
         candidates = [Path(m["path"]) for m in meta.values() if Path(m["path"]).is_file()]
     chosen, seen = [], set()
     for p in candidates:
-        meta = parse_market_name(p.name)
-        pid = p.name if meta is None else meta.pid
+        name = parse_market_name(p.name)
+        pid = p.name if name is None else name.pid
         if pid not in seen:
             seen.add(pid)
             chosen.append(str(p))
