@@ -49,6 +49,7 @@ app:
 lint:
 	$(BIN)/ruff check reid_ssl app tests benchmarks datasets
 	$(BIN)/ruff format --check reid_ssl app tests benchmarks datasets
+	$(BIN)/mypy reid_ssl
 
 clean-runs:
 	rm -rf runs
