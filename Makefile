@@ -39,14 +39,14 @@ demo: data
 	$(BIN)/reid_ssl index build --checkpoint $(RUN)/checkpoint.pt --images pets09 --out $(RUN)/gallery
 	@echo "checkpoint: $(RUN)/checkpoint.pt   browse the gallery:  $(BIN)/reid_ssl app"
 
-# (2) The tests (CI runs exactly this).
-test: install-test apt-test data
+# (2) The tests (CI runs exactly this): lint (ruff, ruff format, mypy), then pytest.
+test: install-test apt-test data lint
 	$(BIN)/python -m pytest
 
 app:
 	$(BIN)/reid_ssl app
 
-lint:
+lint: install-test
 	$(BIN)/ruff check reid_ssl app tests benchmarks datasets
 	$(BIN)/ruff format --check reid_ssl app tests benchmarks datasets
 	$(BIN)/mypy reid_ssl

@@ -96,6 +96,33 @@ def _unsafe_member(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+def _checked_members(infos: list[zipfile.ZipInfo], limits: UploadLimits) -> list[zipfile.ZipInfo]:
+    """The archive's file members, after the checks that refuse the whole archive (names, links, bombs).
+
+    Raises:
+        UploadError: an unsafe member name or link, too many members, or a (member or total) bomb.
+    """
+    for info in infos:
+        if reason := _unsafe_member(info):
+            raise UploadError(f"refused the zip: it contains an unsafe member ({reason})")
+    files = [i for i in infos if not i.is_dir()]
+    if len(files) > limits.max_files:
+        raise UploadError(f"refused the zip: {len(files)} members (limit {limits.max_files})")
+    total = sum(i.file_size for i in files)
+    if total > limits.max_total_bytes:
+        raise UploadError(
+            f"refused the zip: it would expand to {total / 2**20:.0f} MB "
+            f"(limit {limits.max_total_bytes / 2**20:.0f} MB)"
+        )
+    for i in files:
+        if i.file_size > 2**20 and i.file_size > limits.max_ratio * max(i.compress_size, 1):
+            raise UploadError(
+                f"refused the zip: member {i.filename!r} expands {i.file_size / 2**20:.0f} MB from "
+                f"{i.compress_size} bytes (a zip bomb)"
+            )
+    return files
+
+
 def safe_extract_zip(
     zip_path: str | Path, dest: str | Path, limits: UploadLimits = UploadLimits()
 ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
@@ -113,25 +140,7 @@ def safe_extract_zip(
     except (zipfile.BadZipFile, OSError) as e:
         raise UploadError(f"not a readable zip archive ({e})") from None
     with zf:
-        infos = zf.infolist()
-        for info in infos:
-            if reason := _unsafe_member(info):
-                raise UploadError(f"refused the zip: it contains an unsafe member ({reason})")
-        files = [i for i in infos if not i.is_dir()]
-        if len(files) > limits.max_files:
-            raise UploadError(f"refused the zip: {len(files)} members (limit {limits.max_files})")
-        total = sum(i.file_size for i in files)
-        if total > limits.max_total_bytes:
-            raise UploadError(
-                f"refused the zip: it would expand to {total / 2**20:.0f} MB "
-                f"(limit {limits.max_total_bytes / 2**20:.0f} MB)"
-            )
-        for i in files:
-            if i.file_size > 2**20 and i.file_size > limits.max_ratio * max(i.compress_size, 1):
-                raise UploadError(
-                    f"refused the zip: member {i.filename!r} expands {i.file_size / 2**20:.0f} MB from "
-                    f"{i.compress_size} bytes (a zip bomb)"
-                )
+        files = _checked_members(zf.infolist(), limits)
         written: list[tuple[Path, str]] = []
         skipped: list[tuple[str, str]] = []
         dest.mkdir(parents=True, exist_ok=True)
