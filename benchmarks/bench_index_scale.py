@@ -55,7 +55,9 @@ import numpy as np
 from benchmarks.bench_index import clustered
 from reid_ssl.index import GalleryIndex, GalleryItem, index_spec, omp_threads, ondisk
 from reid_ssl.index import gallery as gallery_module
-from reid_ssl.index.types import IndexSpec, build_faiss, default_nprobe, ivf_nlist, pq_m
+from reid_ssl.index.factory import build_faiss
+from reid_ssl.index.sizing import default_nprobe, ivf_nlist, pq_m
+from reid_ssl.index.types import IndexSpec
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10

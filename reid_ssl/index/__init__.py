@@ -1,7 +1,10 @@
 """The persistent FAISS gallery index, one module per job.
 
 * :mod:`~reid_ssl.index.gallery`: :class:`GalleryIndex`, add / remove / search / calibrate / save / load.
-* :mod:`~reid_ssl.index.types`: :data:`INDEX_TYPES`, the registry of FAISS index types.
+* :mod:`~reid_ssl.index.types`: :data:`INDEX_TYPES`, the registry of FAISS index types, and ``auto``.
+* :mod:`~reid_ssl.index.sizing`: index parameters by gallery size (IVF lists, ``nprobe``, PQ codes, HNSW).
+* :mod:`~reid_ssl.index.factory`: the FAISS index of a spec (checks, training, adding), when to rebuild it.
+* :mod:`~reid_ssl.index.persistence`: :meth:`GalleryIndex.load`, ``open_for_update`` and ``save``.
 * :mod:`~reid_ssl.index.search`: search results (:class:`Hits`, :class:`SearchHit`, :class:`Shortfall`).
 * :mod:`~reid_ssl.index.sidecar`: the SQLite item table (:class:`GalleryItem`).
 * :mod:`~reid_ssl.index.store`: generations on disk, ``CURRENT``, the writer lock.

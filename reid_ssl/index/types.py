@@ -1,10 +1,11 @@
 """Index types: one :data:`INDEX_TYPES` entry owns everything about a FAISS index type.
 
 An :class:`IndexType` says which ``faiss.index_factory`` string and parameters to use for ``n`` vectors of
-dimension ``d``, how many vectors it needs before it can be trained, which search parameters it takes (IVF
-``nprobe``, HNSW ``efSearch``) and how a search that came back short can be fixed, how many candidates to
-re-rank exactly from the stored vectors, and whether it can delete vectors (HNSW cannot: a removal rebuilds).
-Adding a type is one ``INDEX_TYPES.register`` call; ``index build --type`` offers every entry plus ``auto``.
+dimension ``d`` (by the rules of :mod:`reid_ssl.index.sizing`), how many vectors it needs before it can be
+trained, which search parameters it takes (IVF ``nprobe``, HNSW ``efSearch``) and how a search that came back
+short can be fixed, how many candidates to re-rank exactly from the stored vectors, and whether it can delete
+vectors (HNSW cannot: a removal rebuilds). Adding a type is one ``INDEX_TYPES.register`` call; ``index build
+--type`` offers every entry plus ``auto``. :mod:`reid_ssl.index.factory` builds the FAISS index of a spec.
 
 Defaults by size (``python -m benchmarks.bench_index_scale``, results/bench_index_scale.json: synthetic re-ID
 features, 1M x 256-D, one thread of a shared 2-core AMD EPYC at load average 3-6; recall@10 against exact
@@ -21,25 +22,25 @@ search for queries of present / absent identities, single-query p50):
   where plain ``ivf-pq`` needs 4x the re-ranking reads for the same recall (rerank 8: 0.967 / 0.896, flat
   beyond nprobe 128; rerank 32: 0.996 / 0.984). The rotation costs training time (229 s vs 106 s at 1M).
 * ``hnsw`` is never chosen: no deletes (a removal rebuilds), slowest build, 1.3 KB/vector.
-
-IVF parameters by size: ``nlist`` = the power of two nearest 4 sqrt(n) (FAISS: 4..16 sqrt(n); 4096 at 1M),
-trained on :data:`TRAIN_POINTS_PER_LIST` points per list; ``nprobe`` = :func:`default_nprobe` (128 of 4096 at
-1M: recall 0.997 / 0.990 at 2.1 ms where 256 gave 1.000 / 0.999 at 3.8 ms and 64 gave 0.986 / 0.958).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib
 import re
-import time
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
-
-from reid_ssl.errors import InputError
+from reid_ssl.index.sizing import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    TRAIN_POINTS_PER_LIST,
+    default_nprobe,
+    ivf_nlist,
+    pq_m,
+    pq_nbits,
+)
 from reid_ssl.registry import Registry
 
 if TYPE_CHECKING:  # FAISS is imported where it is used: the command line lists the types without loading it
@@ -49,11 +50,6 @@ AUTO = "auto"
 AUTO_FLAT_MAX = 20_000  # vectors of 512-D that ``auto`` keeps exact (see AUTO_FLAT_FLOATS)
 AUTO_FLAT_FLOATS = AUTO_FLAT_MAX * 512  # exact while n x D <= this: 1.2-3 ms per query on one core
 AUTO_IVF_FLAT_FLOATS = 2**30  # ivf-flat while its lists (4 bytes per float) fit in 4 GiB, ivf-opq above
-HNSW_EF_CONSTRUCTION = 100  # 40 (FAISS's default) gave recall@10 0.88 on clustered data, 100 gave 0.99
-HNSW_EF_SEARCH = 128
-# k-means points per IVF list: FAISS recommends 30..256; 256 (the old value) trained IVF4096 on all of a 1M
-# gallery, 4x the k-means time of 64 for recall@10 within 0.01 at 200k (benchmarks/bench_index_scale.py)
-TRAIN_POINTS_PER_LIST = 64
 
 
 @dataclass(frozen=True)
@@ -209,7 +205,7 @@ class IVFPQType(IVFType):
 
     def spec(self, n: int, dim: int) -> IndexSpec:
         nlist = self.nlist(n)
-        nbits = int(min(8, max(1, math.floor(math.log2(max(n, 2) / 39)))))  # >= 39 points per PQ centroid
+        nbits = pq_nbits(n)
         m = pq_m(dim)
         return IndexSpec(
             self.name,
@@ -294,31 +290,6 @@ def type_choices() -> list[str]:
     return [AUTO, *INDEX_TYPES.names()]
 
 
-def ivf_nlist(n: int) -> int:
-    """Inverted lists for ``n`` vectors: the power of two nearest 4*sqrt(n), with >= 39 training points each."""
-    nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))
-    while nlist > 1 and n < 39 * nlist:
-        nlist //= 2
-    return int(min(nlist, 65536))
-
-
-def default_nprobe(nlist: int) -> int:
-    """Lists visited per query: 1/16 of them (at least 32; all of a small index) up to 64, then 64 up to 2048
-    lists, then 1/32 of them (128 of 4096 at 1M vectors, 512 of 16384 at 10M).
-
-    Measured (recall@10 present / absent identities): 100k, 1024 lists, 64: 1.000 / 0.993 (bench_index);
-    200k, 2048 lists, 64: 0.998 / 0.964; 1M, 4096 lists, 128: 0.997 / 0.990 (bench_index_scale). Recall at a
-    fixed nprobe held from 200k to 1M while the lists doubled; the 1/32 fraction beyond is the conservative
-    extrapolation of that.
-    """
-    return min(nlist, max(32, min(nlist // 16, max(64, nlist // 32))))
-
-
-def pq_m(dim: int) -> int:
-    """PQ sub-quantizers: the largest divisor of ``dim`` that is <= dim/8 (512-D -> 64 bytes/vector)."""
-    return next(m for m in range(max(dim // 8, 1), 0, -1) if dim % m == 0)
-
-
 def resolve_type(index_type: str, n: int, dim: int = 512) -> IndexType:
     """The registered type for a name, ``auto`` resolved by gallery size ``n`` and dimension ``dim``.
 
@@ -374,104 +345,12 @@ def index_spec(
     return dataclasses.replace(spec, **changes) if changes else spec
 
 
-def check_factory(factory: str, dim: int) -> None:
-    """Refuse a factory string FAISS cannot build, before any work is done.
-
-    Raises:
-        InputError: with FAISS's reason.
-    """
-    try:
-        type_for_factory(factory).new_index(factory, dim)
-    except RuntimeError as e:
-        raise InputError(f"FAISS cannot build the factory string {factory!r} ({_faiss_reason(e)})") from None
+# moved to reid_ssl.index.factory (which imports this module): still importable from here
+_MOVED = ("build_faiss", "check_factory", "check_on_disk", "choose_spec", "should_rebuild")
 
 
-def check_on_disk(index_type: str, factory: str | None) -> None:
-    """Refuse ``on_disk`` for a type or factory that never has inverted lists (``auto`` builds them when large).
-
-    Raises:
-        InputError: e.g. ``--type hnsw --on-disk``.
-    """
-    kind = type_for_factory(factory) if factory else None if index_type == AUTO else INDEX_TYPES[index_type]
-    if kind is not None and not kind.lists:
-        what = f"the factory {factory!r}" if factory else f"a {kind.name} index"
-        choices = ", ".join(name for name, k in INDEX_TYPES.items() if k.lists)
-        raise InputError(
-            f"--on-disk serves inverted lists from disk, and {what} has none; use an IVF type ({choices}) or auto"
-        )
-
-
-def build_faiss(
-    spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray, timings: dict[str, float] | None = None
-) -> faiss.Index:
-    """A new FAISS index for ``spec``, trained on a sample of ``vectors`` (n, D), with ``ids`` (n,) added.
-
-    Args:
-        timings: filled with ``train_s`` and ``add_s`` (seconds) when given (benchmarks).
-
-    Raises:
-        InputError: FAISS cannot train this factory on these vectors (e.g. more IVF lists than vectors).
-    """
-    n, dim = vectors.shape
-    index = INDEX_TYPES[spec.type].new_index(spec.factory, dim)
-    t0 = time.perf_counter()
-    if not index.is_trained:
-        sample_n = min(n, max(spec.train_size, 1))
-        rows = np.sort(np.random.default_rng(0).choice(n, sample_n, replace=False))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                index.train(np.ascontiguousarray(vectors[rows]))
-        except RuntimeError as e:
-            raise InputError(
-                f"FAISS cannot train {spec.factory!r} on {sample_n} vectors ({_faiss_reason(e)}); "
-                "use a factory with fewer lists or centroids, or let the index type choose"
-            ) from None
-    t1 = time.perf_counter()
-    index.add_with_ids(np.ascontiguousarray(vectors), ids)
-    if timings is not None:
-        timings.update(train_s=t1 - t0, add_s=time.perf_counter() - t1)
-    return index
-
-
-def _faiss_reason(e: Exception) -> str:
-    """FAISS's error without its C++ file/line preamble."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = next((ln.split("Error: ", 1)[-1] for ln in lines if "Error" in ln), lines[0] if lines else str(e))
-    return text[:200]
-
-
-def choose_spec(m: dict[str, Any], n: int, dim: int) -> IndexSpec:
-    """The spec to build for ``n`` vectors from the manifest's ``index`` block (requested type, overrides).
-
-    A type that must be trained stays an exact ``flat`` index while there are fewer than its ``min_train``
-    vectors (unless an explicit factory was given).
-    """
-    spec = index_spec(
-        m["requested"],
-        n,
-        dim,
-        factory=m["factory_override"],
-        nprobe=m["nprobe_override"],
-        ef_search=m["ef_search_override"],
-    )
-    if not m["factory_override"] and n < INDEX_TYPES[spec.type].min_train:
-        spec = index_spec("flat", n, dim)  # too few vectors to train: exact until a later add rebuilds
-    return spec
-
-
-def should_rebuild(m: dict[str, Any], n_after: int, dim: int) -> bool:
-    """Whether adding vectors up to ``n_after`` should rebuild the FAISS index rather than add to it.
-
-    Args:
-        m: the manifest's ``index`` block (requested type, overrides, current type, ``trained_on``).
-    """
-    if m["type"] is None:
-        return True
-    if m["factory_override"]:
-        return False
-    if m["requested"] == AUTO and resolve_type(AUTO, n_after, dim).name != m["type"]:
-        return True  # crossed a size threshold of auto: flat -> ivf-flat -> ivf-opq
-    if m["requested"] not in (AUTO, m["type"]) and n_after >= INDEX_TYPES[m["requested"]].min_train:
-        return True  # was kept exact while too small to train the requested type
-    return INDEX_TYPES[m["type"]].retrain_due(int(m["trained_on"]), n_after)
+def __getattr__(name: str) -> Any:
+    """The names that moved to :mod:`reid_ssl.index.factory`, loaded on first use (:pep:`562`)."""
+    if name in _MOVED:
+        return getattr(importlib.import_module("reid_ssl.index.factory"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
