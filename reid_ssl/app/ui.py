@@ -27,7 +27,7 @@ from reid_ssl.app.serve import offline_gradio
 from reid_ssl.app.service import MAX_K, GallerySearchApp
 from reid_ssl.app.uploads import UploadLimits
 from reid_ssl.data.market import parse_market_name
-from reid_ssl.errors import InputError, ReidSslError, one_line
+from reid_ssl.errors import ReidSslError, one_line
 from reid_ssl.images import is_image_name
 from reid_ssl.index import GalleryIndex, describe_calibration
 
@@ -96,14 +96,10 @@ def open_demo(
 ) -> Any:
     """:func:`build_demo` over a saved index, with the checkpoint that built it (or ``checkpoint``) and
     example queries from the index's calibration folder."""
-    from reid_ssl.embedder import load_embedder
+    from reid_ssl.index.manifest import load_recorded_embedder
 
     index = GalleryIndex.load(index_dir)
-    ckpt = checkpoint or index.manifest["embedder"].get("checkpoint")
-    if not ckpt:
-        raise InputError(f"{index_dir} does not record its checkpoint; pass --checkpoint")
-    embedder = load_embedder(ckpt, device=device, flip=bool(index.manifest["embedder"].get("flip", True)))
-    index.check_embedder(embedder)
+    embedder = load_recorded_embedder(index.manifest, index.path, checkpoint, device)
     return build_demo(index, embedder, examples=pick_examples(index), limits=limits)
 
 

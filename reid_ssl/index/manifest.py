@@ -1,7 +1,8 @@
 """What an index remembers about itself (``manifest.json``): format, embedder identity, index type, counts.
 
 The embedder block pins the features: an index refuses an embedder with another fingerprint
-(:func:`check_embedder`), because features of other weights or preprocessing are not comparable.
+(:func:`check_embedder`), because features of other weights or preprocessing are not comparable, and
+:func:`load_recorded_embedder` loads the embedder it records.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reid_ssl import __version__
-from reid_ssl.errors import EmbedderMismatchError
+from reid_ssl.errors import EmbedderMismatchError, InputError, MissingFileError
 from reid_ssl.index import store
 from reid_ssl.index.types import IndexSpec
 
@@ -76,6 +77,35 @@ def check_embedder(manifest: dict[str, Any], embedder: Embedder, where: Path | N
             f"{getattr(embedder, 'flip', '?')}). Features would not be comparable: use the original "
             "checkpoint or rebuild the index"
         )
+
+
+def load_recorded_embedder(
+    manifest: dict[str, Any], where: Path | None, checkpoint: str | Path | None = None, device: str = "auto"
+) -> Embedder:
+    """The embedder that built the index at ``where``: from ``checkpoint``, else from the checkpoint the
+    manifest records, with the recorded test-time flip, checked against the fingerprint.
+
+    Raises:
+        InputError: no ``checkpoint`` given and none recorded.
+        MissingFileError: the checkpoint file is gone (for a recorded one: says to pass a copy of it).
+        EmbedderMismatchError: the checkpoint is not the one that built the index.
+    """
+    from reid_ssl.embedder import load_embedder
+
+    ckpt = checkpoint or manifest["embedder"].get("checkpoint")
+    if not ckpt:
+        raise InputError(f"{where} does not record its checkpoint; pass --checkpoint")
+    flip = bool(manifest["embedder"].get("flip", True))
+    try:
+        embedder = load_embedder(ckpt, device=device, flip=flip)
+    except MissingFileError as e:
+        if checkpoint:
+            raise
+        raise MissingFileError(
+            f"{e} (the checkpoint that built {where}); pass --checkpoint with a copy of it"
+        ) from None
+    check_embedder(manifest, embedder, where)
+    return embedder
 
 
 def describe(manifest: dict[str, Any]) -> dict[str, Any]:
