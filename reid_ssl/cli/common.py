@@ -12,6 +12,7 @@ from typing import Any
 
 from reid_ssl.errors import MissingFileError
 from reid_ssl.fileio import to_jsonable
+from reid_ssl.index.sidecar import display_path
 
 DEFAULT_RUN = "runs/pets09_r18"
 DEFAULT_CHECKPOINT = f"{DEFAULT_RUN}/checkpoint.pt"
@@ -128,3 +129,9 @@ def print_table(rows: list[tuple[str, Any]], title: str | None = None) -> None:
 def percent(value: float | None) -> str:
     """``0.4946 -> " 49.46%"``; ``None -> "-"``."""
     return "-" if value is None else f"{100 * value:6.2f}%"
+
+
+def print_problems(problems: list[tuple[str, str]], label: str = "") -> None:
+    """Up to 10 ``(path, reason)`` lines on standard error (paths that are not UTF-8 with \\xNN escapes)."""
+    for path, reason in problems[:10]:
+        print(f"  {label}{display_path(path)}: {reason}", file=sys.stderr)

@@ -222,7 +222,10 @@ def _flags_in_messages(path: Path) -> set[str]:
 def test_every_flag_a_message_of_the_index_suggests_exists():
     index_actions = build_parser()._subparsers._group_actions[0].choices["index"]._subparsers._group_actions[0]
     known = {opt for action in index_actions.choices.values() for a in action._actions for opt in a.option_strings}
-    files = [*sorted((REPO / "reid_ssl" / "index").glob("*.py")), REPO / "reid_ssl" / "cli" / "index.py"]
+    files = [
+        *sorted((REPO / "reid_ssl" / "index").glob("*.py")),
+        *sorted((REPO / "reid_ssl" / "cli").glob("index*.py")),
+    ]
     suggested = set().union(*(_flags_in_messages(f) for f in files))
     assert {"--overwrite", "--nprobe", "--ef-search", "--exclude-camid", "--checkpoint"} <= suggested
     assert suggested <= known, f"messages name options that `reid_ssl index` lacks: {suggested - known}"

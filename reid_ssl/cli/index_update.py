@@ -1,0 +1,133 @@
+"""`reid_ssl index add|remove|calibrate`: change an index in place, under its writer lock.
+
+Each action loads the newest generation, changes it and publishes the next one; ids of the other items never
+change. ``add`` embeds without holding the lock (the app may be adding too) and skips files already indexed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from reid_ssl.cli.common import DEFAULT_INDEX, batch_size, print_json, print_problems, print_table
+from reid_ssl.console import show_progress
+from reid_ssl.errors import InputError, MissingFileError
+from reid_ssl.index.sidecar import display_path
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``index add``, ``index remove`` and ``index calibrate``."""
+    a = sub.add_parser("add", help="embed more images and add them to an index")
+    a.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
+    a.add_argument("--index", default=DEFAULT_INDEX)
+    a.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    a.add_argument("--batch-size", type=batch_size, default=64)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--allow-duplicates", action="store_true", help="add files whose path is already indexed")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(handler=run_add)
+
+    r = sub.add_parser("remove", help="remove items by id or by path prefix (ids of the rest never change)")
+    r.add_argument("--index", default=DEFAULT_INDEX)
+    r.add_argument("--ids", type=int, nargs="*", default=[])
+    r.add_argument("--path-prefix", help="remove every item whose file lies under this path")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(handler=run_remove)
+
+    c = sub.add_parser("calibrate", help="(re)calibrate the 'no match' threshold from labelled data")
+    c.add_argument("--index", default=DEFAULT_INDEX)
+    c.add_argument("--queries", help="folder of Market-named query images; default: leave-one-out on the gallery")
+    c.add_argument("--checkpoint", help="default: the checkpoint that built the index")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(handler=run_calibrate)
+
+
+def run_add(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from reid_ssl.index import GalleryIndex, path_items
+    from reid_ssl.index.manifest import load_recorded_embedder
+
+    source = path_items(args.paths)
+    items, skipped = source.items, list(source.skipped)
+    snapshot = GalleryIndex.load(args.index)  # embed without holding the writer lock (the app may be adding too)
+    embedder = load_recorded_embedder(snapshot.manifest, snapshot.path, args.checkpoint, args.device)
+    if not args.allow_duplicates:
+        known = snapshot.ids_for_paths([it.path for it in items])
+        skipped += [(it.path, "already indexed") for it in items if it.path in known]
+        items = [it for it in items if it.path not in known]
+    progress = show_progress(json=args.json)
+    res = embedder.embed_images([it.path for it in items], batch_size=args.batch_size, progress=progress)
+    failures = [(items[i].path, reason) for i, reason in res.failures]
+    with GalleryIndex.open_for_update(args.index) as idx:  # lock, newest generation, add, save
+        idx.check_embedder(embedder)
+        ok = [items[i] for i in res.ok]
+        fresh = np.ones(len(ok), bool)
+        if not args.allow_duplicates and idx.generation != snapshot.generation:  # someone added meanwhile
+            known = idx.ids_for_paths([it.path for it in ok])
+            fresh = np.array([it.path not in known for it in ok], bool)
+            skipped += [(it.path, "already indexed") for it, f in zip(ok, fresh, strict=True) if not f]
+        ids = idx.add(res.features[fresh], [it for it, f in zip(ok, fresh, strict=True) if f])
+        if len(ids):
+            idx.add_roots(*source.roots)
+        ntotal = idx.ntotal
+    result = {
+        "index": args.index,
+        "added": len(ids),
+        "ids": ids.tolist(),
+        "ntotal": ntotal,
+        "failures": failures,
+        "skipped": skipped,
+    }
+    if args.json:
+        print_json(result)
+    else:
+        rows = [("index", display_path(args.index)), ("added", len(ids)), ("unreadable", len(failures))]
+        print_table([*rows, ("skipped", len(skipped)), ("items now", ntotal)], title="index add")
+        print_problems(failures + skipped)
+    return 1 if failures and not len(ids) else 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from reid_ssl.index import GalleryIndex
+
+    if not args.ids and not args.path_prefix:
+        raise InputError("nothing to remove: give --ids and/or --path-prefix")
+    with GalleryIndex.open_for_update(args.index) as idx:
+        ids = list(args.ids)
+        if args.path_prefix:
+            ids += idx.ids_under(args.path_prefix)
+        removed = idx.remove(ids)
+        ntotal = idx.ntotal
+    result = {"index": args.index, "requested": len(set(ids)), "removed": removed, "ntotal": ntotal}
+    if args.json:
+        print_json(result)
+    else:
+        rows = [("index", display_path(args.index)), ("removed", removed), ("not found", len(set(ids)) - removed)]
+        print_table([*rows, ("items now", ntotal)], title="index remove")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from reid_ssl.index import GalleryIndex, folder_items
+    from reid_ssl.index.manifest import load_recorded_embedder
+
+    with GalleryIndex.open_for_update(args.index) as idx:
+        if args.queries:
+            qdir = Path(args.queries)
+            if not qdir.is_dir():
+                raise MissingFileError(f"query folder not found: {qdir}")
+            queries, _ = folder_items(qdir, False, "query")
+            if not queries:
+                raise InputError(f"no image files under {qdir}")
+            embedder = load_recorded_embedder(idx.manifest, idx.path, args.checkpoint, args.device)
+            res = embedder.embed_images([q.path for q in queries], progress=show_progress(json=args.json))
+            cal = idx.calibrate(res.features, [queries[i] for i in res.ok])
+        else:
+            cal = idx.calibrate()
+    if args.json:
+        print_json(cal)
+    else:
+        print_table([(k, v) for k, v in cal.items()], title="no-match threshold")
+    return 0
