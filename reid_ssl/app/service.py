@@ -1,12 +1,13 @@
 """What the app does, without a user interface: search, gallery uploads and full-frame detection over one index.
 
 :class:`GallerySearchApp` takes the raw values a client sent (the app's events run with ``preprocess=False``:
-file payloads, numbers and choices as they came over the wire), checks every one of them, and raises a
-:class:`~reid_ssl.errors.ReidSslError` whose message the user can act on; :mod:`reid_ssl.app.ui` shows it as
-an error toast. Native code only sees validated input: image files are checked from their header (size,
-pixels) before a decoder runs (:func:`~reid_ssl.app.uploads.check_image`), frames are checked by the detector
-before OpenCV (:func:`~reid_ssl.data.video.detect.check_frame`), and numbers reach FAISS and SQLite only
-after they were parsed and bounded here. This module never imports gradio.
+file payloads, numbers and choices as they came over the wire), checks every one of them
+(:mod:`reid_ssl.app.inputs`), and raises a :class:`~reid_ssl.errors.ReidSslError` whose message the user can
+act on; :mod:`reid_ssl.app.ui` shows it as an error toast. Native code only sees validated input: image files
+are checked from their header (size, pixels) before a decoder runs (:func:`~reid_ssl.app.uploads.check_image`),
+frames are checked by the detector before OpenCV (:func:`~reid_ssl.data.video.detect.check_frame`), and numbers
+reach FAISS and SQLite only after they were parsed and bounded. What the user reads (captions, the verdict) is
+worded in :mod:`reid_ssl.app.text`. This module never imports gradio.
 
 Camera ids are 0-based (file name ``..._c1...`` is camid 0, see :mod:`reid_ssl.data.market`): captions,
 the "exclude the query's camera" filter and the query-camera choice all use that one number.
@@ -15,14 +16,12 @@ the "exclude the query's camera" filter and the query-camera choice all use that
 from __future__ import annotations
 
 import logging
-import math
-import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,141 +29,23 @@ import numpy as np
 from PIL import Image
 
 from reid_ssl.app.files import DISPLAY_SIDE, DisplayFiles, fit
+from reid_ssl.app.inputs import MAX_K, no_match_threshold, number, payload, query_camid, results_k
+from reid_ssl.app.text import caption, shortfall, summary, verdict
 from reid_ssl.app.uploads import UploadLimits, check_image, check_upload, safe_name
 from reid_ssl.data.market import parse_market_name
 from reid_ssl.errors import ImageError, IndexLockedError, InputError, UploadError
 from reid_ssl.images import open_rgb
-from reid_ssl.index import GalleryIndex, GalleryItem, SearchHit, current_generation, describe_calibration
+from reid_ssl.index import GalleryIndex, GalleryItem, current_generation, describe_calibration
 
 if TYPE_CHECKING:  # the detector module imports OpenCV, which edits LD_LIBRARY_PATH: only when detecting
     from reid_ssl.data.video.detect import Box, Detector
 
-MAX_K = 50
 MAX_PEOPLE = 50  # detections shown per frame (best scores first)
-MAX_CAMID = 10**6
+
+# the names that lived here before inputs.py and text.py were split out (reid_ssl.app.ui imports MAX_K)
+__all__ = ["MAX_K", "MAX_PEOPLE", "GallerySearchApp", "caption", "crop", "query_camid", "verdict"]
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Text: captions, verdicts, notes
-# ---------------------------------------------------------------------------------------------------------
-
-
-def caption(hit: SearchHit) -> str:
-    """``0.823 · pid 12 · camid 0 · frame 345`` (tracklet instead of pid where identities are tracklets)."""
-    parts = [f"{hit.score:.3f}"]
-    if hit.tracklet is not None:
-        parts.append(f"tracklet {hit.tracklet}")
-    elif hit.pid is not None:
-        parts.append("junk" if hit.pid < 0 else f"pid {hit.pid}")
-    if hit.camid is not None:
-        parts.append(f"camid {hit.camid}")
-    if hit.frame is not None:
-        parts.append(f"frame {hit.frame}")
-    if len(parts) == 1:
-        parts.append(Path(hit.path).name)
-    return " · ".join(parts)
-
-
-def verdict(hits: Sequence[SearchHit], threshold: float | None) -> str:
-    """The status line above the results: match, no match, or uncalibrated."""
-    if not hits:
-        return "No gallery item passed the filters."
-    best = hits[0].score
-    if threshold is None:
-        return (
-            f"Best score **{best:.3f}**. No no-match threshold is in use (this index has no calibrated threshold, "
-            "or the slider is at 0), so every result is shown as a candidate."
-        )
-    above = sum(h.score >= threshold for h in hits)
-    if best >= threshold:
-        return (
-            f"**Match**: best score {best:.3f} ≥ threshold {threshold:.3f}; {above} of {len(hits)} results "
-            "are above it."
-        )
-    return (
-        f"**No match**: nobody in the gallery scores above the threshold {threshold:.3f} (best "
-        f"{best:.3f}). The nearest candidates are shown for reference."
-    )
-
-
-def shortfall(found: int, k: int, idx: GalleryIndex, camid: int | None) -> str:
-    """A note when a search returned fewer than the ``k`` results asked for, with the likely reason."""
-    if found >= k:
-        return ""
-    if idx.ntotal < k:
-        why = f"the gallery holds only {idx.ntotal} images"
-    elif camid is not None:
-        why = f"the others are from camid {camid}, which is excluded"
-    else:
-        why = "the approximate index visited too few of its lists (nprobe) to find more"
-    return f" Showing {found} of the {k} results asked for: {why}."
-
-
-def summary(problems: Sequence[tuple[str, str]], limit: int = 8) -> str:
-    shown = "; ".join(f"{name}: {why}" for name, why in problems[:limit])
-    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
-    return shown + more
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Raw client values -> checked Python values
-# ---------------------------------------------------------------------------------------------------------
-
-
-def payload(value: Any) -> tuple[str | None, str]:
-    """(path, the name the user gave) from a raw gradio FileData dict, a path, or None."""
-    if value is None or value == "":
-        return None, ""
-    if isinstance(value, dict):
-        path = value.get("path")
-        if path is not None and not isinstance(path, str):
-            raise InputError("a file payload's path must be a string")
-        name = value.get("orig_name") or (Path(path).name if path else "")
-        return path or None, str(name)
-    if isinstance(value, (str, Path)):
-        return str(value), Path(str(value)).name
-    raise InputError(f"expected a file, got {type(value).__name__}")
-
-
-def number(value: Any, what: str, default: float) -> float:
-    """A finite number from a client value (None or "" -> ``default``)."""
-    if value is None or value == "":
-        return default
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number, got {str(value)[:40]!r}") from None
-    if not math.isfinite(x):
-        raise InputError(f"{what} must be a finite number, got {x}")
-    return x
-
-
-def results_k(value: Any) -> int:
-    """The number of results, bounded to 1..MAX_K."""
-    return int(min(max(round(number(value, "the number of results (k)", 10)), 1), MAX_K))
-
-
-def no_match_threshold(value: Any, calibrated: float | None) -> float | None:
-    """None: the index's calibrated threshold; 0 switches the verdict off; else a similarity in (0, 1]."""
-    if value is None or value == "":
-        return calibrated
-    x = number(value, "the no-match threshold", 0.0)
-    if not -1.0 <= x <= 1.0:
-        raise InputError(f"the no-match threshold is a cosine similarity in [-1, 1], got {x}")
-    return x if x > 0 else None
-
-
-def query_camid(choice: Any, name: str) -> int | None:
-    """The query's 0-based camid: an explicit choice ("2"), else read from a Market-style file name."""
-    if choice in (None, "", "auto"):
-        meta = parse_market_name(name)
-        return None if meta is None else meta.camid
-    m = re.fullmatch(r"\s*(?:camid\s*)?(\d{1,7})\s*", str(choice))
-    if m is None or int(m.group(1)) > MAX_CAMID:
-        raise InputError(f"the query camid must be 'auto' or a camera id such as 0, got {str(choice)[:40]!r}")
-    return int(m.group(1))
 
 
 def crop(rgb: np.ndarray, box: Box, pad: float = 0.05) -> Image.Image:
