@@ -43,18 +43,9 @@ class PersistenceMixin:
     _gpu_index: faiss.Index | None
     _gpu_tried: bool
 
-    if TYPE_CHECKING:  # GalleryIndex's constructor and size
+    if TYPE_CHECKING:  # GalleryIndex's constructor (manifest, index, ids, vectors, sidecar, path, mapped) and size
 
-        def __init__(
-            self,
-            manifest: dict[str, Any],
-            index: faiss.Index | None,
-            ids: np.ndarray,
-            vectors: np.ndarray,
-            sidecar: Sidecar,
-            path: Path | None,
-            mapped: ondisk.MappedFile | None = None,
-        ) -> None: ...
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
         @property
         def ntotal(self) -> int: ...
 
