@@ -1,10 +1,12 @@
-"""Crash-safe file writes and JSON output shared by checkpoints, indexes, results and the CLI.
+"""Crash-safe file writes, JSON output and file digests shared by checkpoints, indexes, data sets, results and
+the CLI.
 
 No torch import here, so the index CLI stays light.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +23,15 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from reid_ssl.data.video.split import SplitProtocol
 from reid_ssl.data.video.track import TrackBox
 from reid_ssl.errors import DatasetLayoutError, DependencyError, InputError, MissingFileError
+from reid_ssl.fileio import sha256_file
 
 VIDEO_SHA256 = "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf"
 VIDEO_MEMBER = "./usr/share/doc/opencv-doc/examples/data/vtest.avi"
@@ -82,15 +83,6 @@ def find_video(explicit: str | Path | None = None) -> Path:
         "reid_ssl.pets09.fetch_video('data') extracts it to data/vtest.avi, as do these shell lines run from "
         f"the repository root:\n{FETCH_COMMAND}"
     )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

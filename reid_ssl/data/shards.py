@@ -16,7 +16,6 @@ Ranks can end an epoch with different numbers of batches; the loop lets the earl
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from reid_ssl.data.image_list import ImageList
 from reid_ssl.data.ssl_sources import bag_stats
 from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, ImageError, MissingFileError
-from reid_ssl.fileio import write_json
+from reid_ssl.fileio import sha256_file, write_json
 from reid_ssl.images import open_rgb
 
 FORMAT = "reid_ssl.shards"
@@ -95,7 +94,7 @@ def write_shards(
                         progress(1)
             bags = np.unique(items.bags[members])
             shards.append(
-                {"name": name, "samples": written, "bags": int((bags >= 0).sum()), "sha256": _sha256(tmp / name)}
+                {"name": name, "samples": written, "bags": int((bags >= 0).sum()), "sha256": sha256_file(tmp / name)}
             )
         stats = bag_stats(items)
         manifest = {
@@ -163,14 +162,6 @@ def _sample_bytes(
         return "", None
     ext = path.suffix.lower().lstrip(".") or "jpg"
     return ("jpg" if ext == "jpeg" else ext), data
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
