@@ -33,8 +33,28 @@ from reid_ssl.registry import Registry
 HOG_WINDOW = (64, 128)  # width, height of OpenCV's default people detector window
 
 
+class PixelBox:
+    """A box in frame pixels, ``x, y`` its top-left corner and ``w, h`` its size, as the tuples the detector,
+    the tracker and the crops use. Mixed into :class:`Box` and the records of :mod:`reid_ssl.data.video.track`
+    (each a frozen dataclass that declares the four fields)."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """``(x, y, w, h)``."""
+        return (self.x, self.y, self.w, self.h)
+
+    def xyxy(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)``: the top-left and bottom-right corners."""
+        return self.x, self.y, self.x + self.w, self.y + self.h
+
+
 @dataclass(frozen=True)
-class Box:
+class Box(PixelBox):
     """A detection in frame pixels: top-left corner, size, and the detector's score."""
 
     x: int
@@ -45,10 +65,8 @@ class Box:
 
     @property
     def xywh(self) -> tuple[int, int, int, int]:
-        return (self.x, self.y, self.w, self.h)
-
-    def xyxy(self) -> tuple[int, int, int, int]:
-        return self.x, self.y, self.x + self.w, self.y + self.h
+        """``(x, y, w, h)`` (:attr:`box`)."""
+        return self.box
 
 
 class Detector(Protocol):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reid_ssl.data.video.detect import Box
+from reid_ssl.data.video.detect import Box, PixelBox
 
 
 @dataclass(frozen=True)
-class Detection:
+class Detection(PixelBox):
     """One person box found by the detector in one frame (frame index 0-based, score in [0, 1])."""
 
     frame: int
@@ -35,13 +35,9 @@ class Detection:
     h: int
     score: float
 
-    @property
-    def box(self) -> tuple[int, int, int, int]:
-        return (self.x, self.y, self.w, self.h)
-
 
 @dataclass(frozen=True)
-class TrackBox:
+class TrackBox(PixelBox):
     """One box of one tracklet: a row ``frame,track,x,y,w,h`` of a tracks CSV (track ids from 1)."""
 
     frame: int
@@ -51,10 +47,6 @@ class TrackBox:
     w: int
     h: int
     score: float = 1.0
-
-    @property
-    def box(self) -> tuple[int, int, int, int]:
-        return (self.x, self.y, self.w, self.h)
 
 
 @dataclass(frozen=True)
@@ -91,7 +83,7 @@ def bytetrack(frames: Iterable[tuple[int, Sequence[Detection]]], fps: float, opt
     out: list[TrackBox] = []
     for frame, dets in frames:
         if dets:
-            xyxy = np.array([[d.x, d.y, d.x + d.w, d.y + d.h] for d in dets], dtype=np.float32)
+            xyxy = np.array([d.xyxy() for d in dets], dtype=np.float32)
             conf = np.array([d.score for d in dets], dtype=np.float32)
             tracked = tracker.update(sv.Detections(xyxy=xyxy, confidence=conf))
         else:
