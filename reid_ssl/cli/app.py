@@ -12,17 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from reid_ssl.cli.common import DEFAULT_INDEX, positive_int
+from reid_ssl.cli.common import DEFAULT_INDEX, add_parser, positive_int
 from reid_ssl.errors import MissingFileError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "app",
-        help="serve the gallery search app in the browser",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_parser(subparsers, "app", "serve the gallery search app in the browser", __doc__)
     p.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     p.add_argument("--checkpoint", help="default: the checkpoint that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from reid_ssl.cli import index_build, index_search, index_update
+from reid_ssl.cli.common import add_parser
 from reid_ssl.cli.index_search import MAX_K, shortfall_hint
 
 __all__ = ["MAX_K", "register", "shortfall_hint"]
@@ -21,12 +22,7 @@ __all__ = ["MAX_K", "register", "shortfall_hint"]
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``index`` and its actions to the top-level parser (one module per group of actions)."""
-    p = subparsers.add_parser(
-        "index",
-        help="build, update and search a persistent FAISS gallery index",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_parser(subparsers, "index", "build, update and search a persistent FAISS gallery index", __doc__)
     sub = p.add_subparsers(dest="index_command", metavar="<action>", required=True)
     index_build.register(sub)
     index_update.register(sub)
