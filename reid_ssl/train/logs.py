@@ -1,7 +1,9 @@
-"""What a run writes besides its checkpoint: ``metrics.jsonl``, TensorBoard events and the loss-curve PNG."""
+"""What a run writes besides its checkpoint: ``metrics.jsonl``, ``metrics.csv``, TensorBoard events and the
+loss-curve PNG."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -60,11 +62,28 @@ class MetricsLog:
         return read_metrics(self.path)
 
     def close(self, config: dict[str, Any]) -> None:
-        """Flush TensorBoard, draw ``loss_curve.png``, write the resolved ``config.json``."""
+        """Flush TensorBoard, draw ``loss_curve.png``, write ``metrics.csv`` and the resolved ``config.json``."""
         if self.writer is not None:
             self.writer.close()
         plot_loss_curve(self.path, self.out_dir / "loss_curve.png")
+        write_metrics_csv(self.path, self.out_dir / "metrics.csv")
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_metrics_csv(jsonl: Path, out: Path) -> Path:
+    """``metrics.jsonl`` as one CSV table (spreadsheets, pandas): a row per record, a column per field seen in
+    any record (training steps and monitor runs), empty where a record has no such field."""
+    records = read_metrics(jsonl)
+    columns: dict[str, None] = {}
+    for r in records:
+        columns.update(dict.fromkeys(r))
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        writer.writerows(records)
+    tmp.replace(out)
+    return out
 
 
 class SampleLog:

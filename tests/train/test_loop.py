@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -57,6 +58,10 @@ def test_cli_smoke_train_writes_a_usable_checkpoint(tmp_path, smoke_images, caps
     assert records[0]["ema_momentum"] == pytest.approx(0.99) and records[-1]["ema_momentum"] > 0.999
     assert all(0.0 <= r["data_wait_frac"] <= 1.0 and -1 <= r["pos_cos"] <= 1 for r in records)
     assert (out / "loss_curve.png").stat().st_size > 1000
+    with (out / "metrics.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in table] == list(range(1, 13))
+    assert [float(r["loss"]) for r in table] == pytest.approx([r["loss"] for r in records])
     emb = load_embedder(out / "checkpoint.pt")
     assert emb.embed_images(sorted(smoke_images.rglob("*.jpg"))[:3]).features.shape == (3, 512)
 
