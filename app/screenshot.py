@@ -12,29 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from reid_ssl.app.browser import free_port, launch_chromium, outside_loopback, wait_for_images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         query = str(found[0]) if found else next(iter(index.items(index.ids[:1]).values()))["path"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     requests: list[str] = []
     try:
         expect.set_options(timeout=120_000)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            browser = launch_chromium(pw)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("request", lambda r: requests.append(r.url))
             page.goto(url)
@@ -77,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             page.locator("#exclude_camera input").check()
             page.click("#search_button")
             expect(page.locator("#results .thumbnail-item img").first).to_be_visible()
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#results .thumbnail-item img')]"
-                ".every(i => i.complete && i.naturalWidth > 0)"
-            )
+            wait_for_images(page)
             page.screenshot(path=str(out / "app_search.png"), full_page=True)
             print(f"{out / 'app_search.png'}: {page.locator('#status').inner_text()}")
             if args.frame:
@@ -97,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             browser.close()
     finally:
         demo.close()
-    outside = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]
+    outside = outside_loopback(requests)
     if outside:
         print(f"requests left loopback: {outside[:5]}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@
 * :mod:`~reid_ssl.app.uploads`: untrusted images and zips, checked before anything reaches the index;
 * :mod:`~reid_ssl.app.ui`: ``build_demo(index, embedder) -> gr.Blocks``;
 * :mod:`~reid_ssl.app.serve`: ``launch`` with the safe settings, the offline environment, logins.
+* :mod:`~reid_ssl.app.browser`: the app in headless Chromium kept on loopback (screenshots, browser tests).
 
 Importing this package or any of its modules imports no gradio and changes no environment variable.
 """

@@ -20,24 +20,13 @@ import httpx
 import numpy as np
 import pytest
 
+from reid_ssl.app.browser import CHROMIUM, launch_chromium, outside_loopback, wait_for_images
 from reid_ssl.embedder import load_embedder
 from reid_ssl.index import GalleryIndex, build_index, gallery_source
 from tests.helpers import REPO, free_port, write_checkpoint, write_market_tree, write_person_image
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
-]
 CAPTION = re.compile(r"^[01]\.\d{3} · (pid \d+|junk) · camid \d+ · frame \d+$")
 
 
@@ -94,7 +83,7 @@ def browser():
 
     expect.set_options(timeout=60_000)  # a CPU model on 2 shared cores is slow
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 
@@ -111,12 +100,7 @@ def page(browser, server):
     pg.requests = requests
     yield pg
     context.close()
-    outside = [
-        u
-        for u in requests
-        if urlparse(u).scheme in ("http", "https", "ws", "wss")
-        and urlparse(u).hostname not in ("127.0.0.1", "localhost")
-    ]
+    outside = outside_loopback(requests)
     assert requests and not outside, f"requests left loopback: {outside[:5]}"
 
 
@@ -145,10 +129,7 @@ def test_upload_search_shows_captioned_results(page, server, tmp_path):
     assert len(captions) == 6 and all(CAPTION.match(c.strip()) for c in captions), captions
     scores = [float(c.split(" ")[0]) for c in captions]
     assert scores == sorted(scores, reverse=True)
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('#results .thumbnail-item img')]"
-        ".every(i => i.complete && i.naturalWidth > 0)"
-    )
+    wait_for_images(page)
     expect(page.locator("#status")).to_contain_text(re.compile(r"Match|No match"))
     screenshot(page, tmp_path, "app_search.png")
 
