@@ -5,11 +5,12 @@ The reference is ``bench_efficiency.py``'s truncated-triplet setting (deputy = m
 process). Each variant changes one thing:
 
 * deputy window: ``hardest_1`` (rank 1 only), ``rank_k`` (a single rank k, the smallest whose negative is a
-  true one with probability >= 0.99 for ``batch - 1`` negatives and the dataset's classes; method.md §1.16),
+  true one with probability >= 0.99 for ``batch - 1`` negatives and the dataset's classes; docs/method.md,
+  "Choosing k"),
   ``median`` (the paper's earlier median-triplet loss);
 * ``gamma_1`` / ``gamma_4``: the weight of the positive distance (gamma 1 makes the pull BYOL's);
 * ``margin_0.5``: a small margin, so the hinge switches off for easy triplets (100 keeps it always on);
-* ``multires``: the reference code's random per-batch resize of each view (method.md §1.3);
+* ``multires``: the reference code's random per-batch resize of each view (docs/method.md, "Views");
 * ``bag_positives``: the second view is another crop of the same PETS09 tracklet (pets09 only);
 * ``ddp2_per_device`` / ``ddp2_gathered``: two ``torchrun`` processes (gloo, one thread each) of half the batch,
   with negatives from the process's own half or gathered from both (``loss.gather_negatives``).
@@ -32,7 +33,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine, plots, presets, report, runs, stats
+from benchmarks import plots, presets, report, runs, stats
 from reid_ssl.fileio import write_json
 from reid_ssl.losses import smallest_safe_k
 
@@ -40,7 +41,7 @@ from reid_ssl.losses import smallest_safe_k
 VARIANTS: dict[str, tuple[str, str]] = {
     "reference": ("reference", "deputy ranks 2..10, gamma 2, margin 100, no multires, augment positives, 1 process"),
     "hardest_1": ("deputy window", "hardest negative only (ranks 1..1)"),
-    "rank_k": ("deputy window", "one rank k from the Bernoulli rule (method.md §1.16)"),
+    "rank_k": ("deputy window", "one rank k from the Bernoulli rule (docs/method.md, 'Choosing k')"),
     "median": ("deputy window", "median negative (median_triplet, paper v1/v2)"),
     "gamma_1": ("gamma", "gamma 1"),
     "gamma_4": ("gamma", "gamma 4"),
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=presets.parse_ints, help="comma-separated (default 0,1; smoke 0)")
     presets.add_preset_args(ap)
     args = ap.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.smoke else [0, 1])
     variants = args.variants or list(SMOKE_VARIANTS if args.smoke else VARIANTS)
     for v in variants:
         if v not in VARIANTS:
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = presets.dataset_available(dataset)
     if missing:
         ap.error(missing)
-    threads = machine.set_threads(args.threads or (1 if args.smoke else None))
-    jobs = presets.resolve_jobs(args)
+    run_opts = presets.run_settings(args, seeds=(0, 1))
     p = presets.preset(dataset, args.smoke)
     if not args.smoke:
         p = replace(p, epochs=ABLATION_EPOCHS)
@@ -141,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] = {
         "dataset": dataset,
         "variants": variants,
-        "seeds": args.seeds,
-        "threads": threads if jobs == 1 else 1,
-        "concurrent_runs": jobs,
+        **run_opts,
         "preset": {**asdict(p), "overrides": p.overrides()},
         "reference_method": "truncated_triplet",
         "delta": f"final {head} of the variant minus the reference's, paired by seed",

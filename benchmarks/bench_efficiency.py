@@ -7,7 +7,7 @@ every epoch (and before the first) a monitor scores the online backbone:
 * ``fashion-mnist``: weighted kNN top-1 of 2,000 test images against a 5,000-image labeled bank (labels are
   used only here), plus a linear probe of the final backbone;
 * ``pets09``: rank-1 / mAP on the PETS09-S2L1 tracklet retrieval split (tracklet ids as identities: an
-  undercount of true matches, data.md §1).
+  undercount of true matches, datasets/README.md, "PETS09").
 
 Reports, per dataset, the mean ± spread (sample std over seeds) per epoch, the final values, and the epoch at
 which each method's mean curve first reaches BYOL's final mean (also per seed, against the same seed's BYOL).
@@ -27,9 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine, plots, presets, report, runs, stats
+from benchmarks import plots, presets, report, runs, stats
 from reid_ssl.config import to_dict
-from reid_ssl.fileio import write_json
 
 DEFAULT_METHODS = ("truncated_triplet", "byol", "simclr")
 
@@ -159,31 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=presets.parse_ints, help="comma-separated (default 0,1,2; smoke 0)")
     presets.add_preset_args(ap)
     args = ap.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     for m in args.methods:
         if m not in presets.METHODS:
             ap.error(f"unknown method {m!r}; choose from {list(presets.METHODS)}")
     for d in args.datasets:
         if d not in presets.DATASETS:
             ap.error(f"unknown dataset {d!r}; choose from {list(presets.DATASETS)}")
-    threads = machine.set_threads(args.threads or (1 if args.smoke else None))
-    jobs = presets.resolve_jobs(args)
     result = report.header("efficiency", args.smoke)
     result["settings"] = {
         "methods": args.methods,
-        "seeds": args.seeds,
-        "threads": threads if jobs == 1 else 1,
-        "concurrent_runs": jobs,
+        **presets.run_settings(args, seeds=(0, 1, 2)),
         "spread": "sample standard deviation over seeds (ddof=1)",
         "epoch_0": "the seed's freshly initialised backbone, before any training",
     }
-    t = time.perf_counter()
-    result["datasets"] = {}
-    with runs.work_dir(args.work_dir, args.smoke) as work:
-        for dataset in args.datasets:
-            result["datasets"][dataset] = run_dataset(dataset, args, work)
-            write_json(args.out, {**result, "seconds": round(time.perf_counter() - t, 1)})
-    write_json(args.out, report.finish(result, t))
+    runs.run_datasets(result, args, run_dataset, time.perf_counter())
     for dataset, r in result["datasets"].items():
         if "table" in r:
             columns = [c for c in r["table"][0] if c != "seeds"]

@@ -9,14 +9,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import REPO, available_cores
+from benchmarks.machine import REPO, available_cores, set_threads
 from reid_ssl.config import Config, apply_changes, load_config, parse_overrides
 
 WORK_DIR = REPO / "runs" / "bench"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 PETS09_ROOT = str(REPO / "data" / "pets09")
 DATASETS = ("fashion-mnist", "pets09")
-# Classes (Fashion-MNIST) or people in view (PETS09-S2L1, data.md §1) for the Bernoulli choice of k.
+# Classes (Fashion-MNIST) or people in view (PETS09-S2L1, datasets/README.md, "PETS09") for the Bernoulli choice of k.
 CLASSES = {"fashion-mnist": 10, "pets09": 20}
 # The headline metric of each dataset's monitor, then the others worth plotting.
 METRICS = {"fashion-mnist": ("knn_top1",), "pets09": ("rank1", "mAP")}
@@ -200,20 +200,30 @@ def resolve_jobs(args: argparse.Namespace) -> int:
     return int(args.jobs)
 
 
+def run_settings(args: argparse.Namespace, seeds: Sequence[int]) -> dict[str, Any]:
+    """Default ``--seeds`` (seed 0 alone with --smoke), set the torch threads (``--threads``; 1 with --smoke)
+    and resolve ``--jobs``: the settings every multi-run benchmark records (seeds, threads per run, concurrent
+    runs)."""
+    args.seeds = args.seeds or ([0] if args.smoke else list(seeds))
+    threads = set_threads(args.threads or (1 if args.smoke else None))
+    jobs = resolve_jobs(args)
+    return {"seeds": args.seeds, "threads": threads if jobs == 1 else 1, "concurrent_runs": jobs}
+
+
 def method_overrides(method: str, batch_size: int, classes: int) -> list[str]:
     """Config overrides that select a method; everything else (backbone, views, optimizer) stays shared.
 
     ``truncated_triplet_bernoulli`` is the truncated triplet with a single rank-k deputy, k the smallest rank
-    that is a true negative with probability >= 0.99 (method.md §1.16) for ``batch_size - 1`` negatives and
+    that is a true negative with probability >= 0.99 (docs/method.md, "Choosing k") for ``batch_size - 1`` negatives and
     ``classes`` balanced classes.
     """
     if method == "truncated_triplet":
-        return ["loss.name=truncated_triplet"]
+        return ["loss.name=truncated_triplet", "loss.k=fixed"]
     if method == "truncated_triplet_bernoulli":
         from reid_ssl.losses import smallest_safe_k
 
         k = smallest_safe_k(batch_size - 1, classes)
-        return ["loss.name=truncated_triplet", f"loss.k_lo={k}", f"loss.k_hi={k}"]
+        return ["loss.name=truncated_triplet", "loss.k=fixed", f"loss.k_lo={k}", f"loss.k_hi={k}"]
     if method == "median_triplet":
         return ["loss.name=median_triplet"]
     if method == "byol":
