@@ -299,12 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     machine.set_threads(1)  # the floors: one thread, like each training job (2 threads stall on a shared machine)
     result = report.header("learning_efficiency", args.smoke)
     result["settings"] = {"arms": LABELS, "pilot_seed": PILOT_SEED, "jobs": args.jobs, "report_only": args.report}
-    t = time.perf_counter()
-    result["datasets"] = {}
-    with runs.work_dir(args.work_dir, args.smoke) as work:
-        for dataset in args.datasets:
-            result["datasets"][dataset] = run_dataset(dataset, args, work)
-            write_json(args.out, report.finish(result, t))
+    runs.run_datasets(result, args, run_dataset, time.perf_counter())
     for dataset, r in result["datasets"].items():
         for key, v in r.get("verdicts", {}).items():
             print(f"{dataset} {key}: {v['verdict']} (R1 {v.get('R1')}, R2 {v.get('R2')}, R3 {v.get('R3')})")

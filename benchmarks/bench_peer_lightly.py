@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import machine, plots, presets, reference_loop, report, runs, stats
-from reid_ssl.fileio import write_json
+from benchmarks import plots, presets, reference_loop, report, runs, stats
 from reid_ssl.losses import byol_loss, nt_xent_loss
 
 METHODS = ("byol", "simclr")
@@ -162,18 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.01, help="absolute difference always accepted")
     presets.add_preset_args(ap)
     args = ap.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     for m in args.methods:
         if m not in METHODS:
             ap.error(f"lightly counterparts exist for {list(METHODS)}, not {m!r}")
-    threads = machine.set_threads(args.threads or (1 if args.smoke else None))
-    jobs = presets.resolve_jobs(args)
     result = report.header("peer_lightly", args.smoke)
     result["settings"] = {
         "methods": args.methods,
-        "seeds": args.seeds,
-        "threads": threads if jobs == 1 else 1,
-        "concurrent_runs": jobs,
+        **presets.run_settings(args, seeds=(0, 1, 2)),
         "tolerance": args.tolerance,
         "within_noise": "|diff| <= max(2 SE, tolerance) every epoch",
     }
@@ -184,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             f"loss equivalence {name}: |value diff| {r['max_abs_value_diff']:.1e}, "
             f"|grad diff| {r['max_abs_grad_diff']:.1e}"
         )
-    result["datasets"] = {}
-    with runs.work_dir(args.work_dir, args.smoke) as work:
-        for dataset in args.datasets:
-            result["datasets"][dataset] = run_dataset(dataset, args, work)
-    write_json(args.out, report.finish(result, t))
+    runs.run_datasets(result, args, run_dataset, t)
     for dataset, r in result["datasets"].items():
         for method, e in r.get("methods", {}).items():
             print(

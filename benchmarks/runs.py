@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import report
 from benchmarks.machine import REPO, set_threads
 from benchmarks.monitors import KnnMonitor, TimedMonitor, build_monitor, initial_metrics
 from benchmarks.presets import METRICS, WORK_DIR, MonitorSpec, with_overrides
@@ -306,6 +307,20 @@ def work_dir(requested: Path | None, smoke: bool) -> Iterator[Path]:
     else:
         WORK_DIR.mkdir(parents=True, exist_ok=True)
         yield WORK_DIR
+
+
+def run_datasets(
+    result: dict[str, Any], args: Any, run_dataset: Callable[[str, Any, Path], dict[str, Any]], started: float
+) -> None:
+    """``result["datasets"][d] = run_dataset(d, args, work)`` for each of ``args.datasets``, in one work folder
+    (:func:`work_dir`). ``args.out`` is rewritten after each dataset (a long benchmark that dies keeps the
+    datasets it finished) and finished (:func:`benchmarks.report.finish`) at the end."""
+    result["datasets"] = {}
+    with work_dir(args.work_dir, args.smoke) as work:
+        for dataset in args.datasets:
+            result["datasets"][dataset] = run_dataset(dataset, args, work)
+            write_json(args.out, {**result, "seconds": round(time.perf_counter() - started, 1)})
+    write_json(args.out, report.finish(result, started))
 
 
 def torchrun(module: str, args: Sequence[str], nproc: int, timeout: float | None = None) -> None:
