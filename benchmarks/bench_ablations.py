@@ -161,17 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides, processes = spec
                 results[name]["overrides"], results[name]["processes"] = overrides, processes
                 cfg = presets.build_config(p, "truncated_triplet", seed, overrides)
-                tasks.append(
-                    dict(
-                        cfg=cfg,
-                        spec=p.monitor,
-                        label=f"ablation-{name}",
-                        work=work,
-                        fresh=args.fresh,
-                        keep_checkpoint=args.keep_checkpoints,
-                        processes=processes,
-                    )
-                )
+                task = runs.training_task(p, cfg, f"ablation-{name}", work, args, linear=False, processes=processes)
+                tasks.append(task)
         for task, run in zip(tasks, runs.run_many(tasks, args.jobs), strict=True):
             results[task["label"].removeprefix("ablation-")].setdefault("runs", []).append(run)
     for entry in results.values():

@@ -108,28 +108,16 @@ def plot(dataset: str, summary: dict[str, Any], path: Path, seeds: int) -> Path:
 
 def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """All methods x seeds on one dataset, then :func:`summarize` and :func:`plot`."""
-    missing = presets.dataset_available(dataset)
-    if missing:
-        print(f"{dataset}: skipped ({missing})")
-        return {"skipped": missing}
-    p = presets.apply_preset_args(presets.preset(dataset, args.smoke), args)
+    p = presets.available_preset(dataset, args)
+    if isinstance(p, str):
+        return {"skipped": p}
     print(f"{dataset}: {', '.join(args.methods)} x seeds {args.seeds}, {p.epochs} epochs, {p.backbone} {p.size}")
     tasks, configs = [], {}
     for seed in args.seeds:  # seed-major: a cut-short benchmark has every method for the first seeds
         for method in args.methods:
             cfg = presets.build_config(p, method, seed)
             configs.setdefault(method, to_dict(cfg))
-            tasks.append(
-                dict(
-                    cfg=cfg,
-                    spec=p.monitor,
-                    label=method,
-                    work=work,
-                    fresh=args.fresh,
-                    keep_checkpoint=args.keep_checkpoints,
-                    linear=dataset == "fashion-mnist",
-                )
-            )
+            tasks.append(runs.training_task(p, cfg, method, work, args))
     by_method: dict[str, list[dict[str, Any]]] = {}
     for task, run in zip(tasks, runs.run_many(tasks, args.jobs), strict=True):
         by_method.setdefault(task["label"], []).append(run)

@@ -95,26 +95,15 @@ def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], metric: st
 
 
 def run_dataset(dataset: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    missing = presets.dataset_available(dataset)
-    if missing:
-        print(f"{dataset}: skipped ({missing})")
-        return {"skipped": missing}
-    p = presets.apply_preset_args(presets.preset(dataset, args.smoke), args)
+    p = presets.available_preset(dataset, args)
+    if isinstance(p, str):
+        return {"skipped": p}
     print(f"{dataset}: ours vs lightly for {', '.join(args.methods)} x seeds {args.seeds}, {p.epochs} epochs")
     result: dict[str, Any] = {"preset": {**asdict(p), "overrides": p.overrides()}, "methods": {}}
     panels = []
     for method in args.methods:
         tasks = [
-            dict(
-                cfg=presets.build_config(p, method, seed),
-                spec=p.monitor,
-                label=method,
-                impl=impl,
-                work=work,
-                fresh=args.fresh,
-                keep_checkpoint=args.keep_checkpoints,
-                linear=dataset == "fashion-mnist",
-            )
+            runs.training_task(p, presets.build_config(p, method, seed), method, work, args, impl=impl)
             for seed in args.seeds
             for impl in ("ours", "lightly")
         ]

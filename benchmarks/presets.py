@@ -241,6 +241,16 @@ def build_config(p: Preset, method: str, seed: int, extra: Sequence[str] = ()) -
     )
 
 
+def available_preset(dataset: str, args: argparse.Namespace) -> Preset | str:
+    """The dataset's preset (smoke-sized with ``args.smoke``) with the command line's overrides, or, when the
+    dataset's files are missing, the line saying how to get them (printed as the dataset being skipped)."""
+    missing = dataset_available(dataset)
+    if missing:
+        print(f"{dataset}: skipped ({missing})")
+        return missing
+    return apply_preset_args(preset(dataset, args.smoke), args)
+
+
 def dataset_available(dataset: str) -> str | None:
     """None when the dataset's files are present, else a line saying how to get them."""
     if dataset == "fashion-mnist":

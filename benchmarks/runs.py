@@ -34,7 +34,7 @@ import torch
 from benchmarks import report
 from benchmarks.machine import REPO, set_threads
 from benchmarks.monitors import KnnMonitor, TimedMonitor, build_monitor, initial_metrics
-from benchmarks.presets import METRICS, WORK_DIR, MonitorSpec, with_overrides
+from benchmarks.presets import METRICS, WORK_DIR, MonitorSpec, Preset, with_overrides
 from reid_ssl.config import Config, from_dict, to_dict
 from reid_ssl.fileio import write_json
 
@@ -200,6 +200,22 @@ def ddp_worker(spec_file: Path) -> None:
         assert timed is not None
         info = {"steps": summary["steps"], "monitor_seconds": timed.seconds, "seconds": summary["seconds"]}
         write_json(Path(cfg.train.out_dir) / "worker.json", info)
+
+
+def training_task(p: Preset, cfg: Config, label: str, work: Path, args: Any, **extra: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`run_training` for one run of a benchmark: the preset's monitor, the work
+    folder, ``--fresh`` and ``--keep-checkpoints``, a linear probe on Fashion-MNIST (its labels allow one);
+    ``extra`` adds or overrides."""
+    return {
+        "cfg": cfg,
+        "spec": p.monitor,
+        "label": label,
+        "work": work,
+        "fresh": args.fresh,
+        "keep_checkpoint": args.keep_checkpoints,
+        "linear": p.monitor.dataset == "fashion-mnist",
+        **extra,
+    }
 
 
 def run_many(
