@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import default_out, finish, header
+from benchmarks.report import finish, header, write_result
 from reid_ssl.data.torchreid_bridge import import_torchreid
 from reid_ssl.eval.distances import evaluate_features
 from reid_ssl.eval.metrics import default_threads, evaluate_rank
-from reid_ssl.fileio import write_json
 
 
 def market_like(
@@ -159,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sysu30k {s['num_query']} x {s['num_gallery']} x {s['dim']}: {s['seconds']:.1f} s, "
             f"rank-1 {s['rank1']:.3f}, mAP {s['mAP']:.3f}, evaluator memory {s['evaluator_working_memory_gib']} GiB"
         )
-    out = args.out or (None if args.smoke else default_out("evaluator"))
-    if out:
-        print(f"wrote {write_json(out, finish(result, started))}")
+    write_result(finish(result, started), args.out, args.smoke, "evaluator")
     return 0
 
 

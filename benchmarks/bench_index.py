@@ -25,8 +25,7 @@ import faiss
 import numpy as np
 
 from benchmarks.machine import REPO
-from benchmarks.report import default_out, finish, header
-from reid_ssl.fileio import write_json
+from benchmarks.report import finish, header, write_result
 from reid_ssl.index import INDEX_TYPES, GalleryIndex, GalleryItem, omp_threads
 
 
@@ -240,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "note": "latencies: single queries, median/95th percentile over repeats on shared CPU cores",
         }
     )
-    out = args.out or (None if args.smoke else default_out("bench_index"))
-    if out:
-        print(f"wrote {write_json(out, finish(report, started))}")
+    write_result(finish(report, started), args.out, args.smoke, "bench_index")
     return 0
 
 

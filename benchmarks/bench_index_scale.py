@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "benchmarks.bench_index_scale", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
-    from benchmarks.report import default_out, finish, header, png_path
+    from benchmarks.report import finish, header, out_path, png_path
     from reid_ssl.fileio import write_json
 
     started = time.perf_counter()
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    out = Path(args.out) if args.out else (None if args.smoke else default_out("bench_index_scale"))
+    out = out_path(args.out, args.smoke, "bench_index_scale")
     previous = json.loads(out.read_text()) if out and out.is_file() else {}
     result = {**header("index_scale", args.smoke), "threads": args.threads, "omp_num_threads_env": args.threads}
     result["config"] = {k: v for k, v in vars(args).items() if not k.startswith("serve") and k != "out"}

@@ -25,12 +25,11 @@ import torch
 
 from benchmarks.machine import REPO
 from benchmarks.presets import PETS09_ROOT, parse_ints
-from benchmarks.report import default_out, finish, header, markdown_table
+from benchmarks.report import finish, header, markdown_table, write_result
 from reid_ssl.checkpoint import load_checkpoint, make_preprocess, state_dict_sha256
 from reid_ssl.data.datasets import load_split
 from reid_ssl.embedder import Embedder, backbone_from_checkpoint
 from reid_ssl.eval.baselines import histogram_baseline
-from reid_ssl.fileio import write_json
 from reid_ssl.models import build_backbone
 from reid_ssl.train.monitor import retrieval_monitor
 from reid_ssl.train.state import seed_everything
@@ -109,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     finish(result, started)
     print(markdown_table(rows, ["model", "test_size", "rank1", "rank5", "rank10", "mAP"]))
-    out = args.out or (None if args.smoke else default_out("pets09_default"))
-    if out:
-        print(f"wrote {write_json(out, result)}")
+    write_result(result, args.out, args.smoke, "pets09_default")
     return result
 
 

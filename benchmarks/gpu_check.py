@@ -42,7 +42,6 @@ import torch
 
 from benchmarks import ceiling, machine, presets, report, runs
 from reid_ssl.config import Config, load_config
-from reid_ssl.fileio import write_json
 
 
 def make_folder(root: Path, bags: int, per_bag: int, size: tuple[int, int], seed: int = 0) -> Path:
@@ -262,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, p in parts.items():
         note = p.get("error") or p.get("skipped") or p.get("note") or "; ".join(p.get("not_run", {}).values())
         print(f"{name:<11} {p['ran']!s:<5} {p.get('ok', '-')!s:<5} {note or ''}"[:200])
-    out = args.out or (None if dry else report.default_out("gpu_check"))
-    if out:
-        print(f"wrote {write_json(out, result)}")
+    report.write_result(result, args.out, dry, "gpu_check")
     return 0 if result["all_ok"] else 1
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import REPO, machine_info
+from reid_ssl.fileio import write_json
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
@@ -49,6 +50,22 @@ def finish(result: dict[str, Any], started: float) -> dict[str, Any]:
 def default_out(name: str) -> Path:
     """``benchmarks/results/<name>.json``."""
     return RESULTS_DIR / f"{name}.json"
+
+
+def out_path(requested: str | Path | None, smoke: bool, name: str) -> Path | None:
+    """Where a result file goes: ``--out``, else :func:`default_out` (``name``); nowhere for a smoke run
+    without ``--out`` (smoke results never replace the real ones)."""
+    if requested:
+        return Path(requested)
+    return None if smoke else default_out(name)
+
+
+def write_result(result: dict[str, Any], requested: str | Path | None, smoke: bool, name: str) -> Path | None:
+    """Write ``result`` to :func:`out_path` (if any) and say so; returns the path."""
+    out = out_path(requested, smoke, name)
+    if out:
+        print(f"wrote {write_json(out, result)}")
+    return out
 
 
 def png_path(out: str | Path, suffix: str = "") -> Path:
