@@ -9,17 +9,18 @@ import dataclasses
 import re
 from pathlib import Path
 
+from reid_ssl.app.browser import CHROMIUM_FLAGS
 from reid_ssl.cli.main import build_parser
 from reid_ssl.config import Config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reid_ssl"
-# Flags of other programs that messages quote when they tell the user what to run.
+# Flags of other programs that messages quote when they tell the user what to run; Chromium's (app/browser.py).
 OUTSIDE_FLAGS = {
     "--fsys-tarfile",  # dpkg-deb
     "--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend",
     "--rdzv-endpoint", "--rdzv-id", "--nproc_per_node", "--master_addr", "--master_port", "--node_rank",  # torchrun
     "--help", "--version",
-}  # fmt: skip
+} | {flag.split("=")[0] for flag in CHROMIUM_FLAGS}  # fmt: skip
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 FILE_EXTENSIONS = {"txt", "onnx", "pt", "json", "jsonl", "csv", "yaml", "jpg", "png", "tar"}  # model.onnx is a file
 
