@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             ("bad images skipped", summary["bad_images"]),
         ]
         rule = summary["k_rule"]
+        if "note" in rule:
+            rows.append(("deputy window", rule["note"]))
         if "p_true_negative" in rule:
             rows.append(
                 (

@@ -200,6 +200,8 @@ def _build(plan: RunPlan) -> _Run:
         )  # fmt: skip
         for note in plan.notes:
             log.info("%s", note)
+        if "note" in k_rule:
+            log.warning("%s", k_rule["note"])
         if "p_true_negative" in k_rule:
             log.info(
                 "Bernoulli rule (k=%s): %d negatives, %d identities (%s): deputy ranks %d..%d, the rank-%d negative "

@@ -208,8 +208,8 @@ def resolve_deputy_window(cfg: Config, stats: BagStats, negatives: int) -> tuple
     bags alone when the file names are not frame numbers. Returns the section and what was decided (logged and
     kept in the checkpoint's history).
 
-    Raises:
-        InputError: ``k: auto`` on a source without bags and without ``loss.identities``.
+    ``k: auto`` on a source without bags and without ``loss.identities`` (a flat folder, Fashion-MNIST) keeps
+    the configured ``k_lo..k_hi`` and says so in ``info["note"]`` (logged, and printed by ``reid_ssl train``).
     """
     loss = cfg.loss
     info: dict[str, Any] = {"k": loss.k, "negatives": negatives}
@@ -225,9 +225,10 @@ def resolve_deputy_window(cfg: Config, stats: BagStats, negatives: int) -> tuple
             identities, source = stats.bags, f"estimated: {stats.bags} bags"
     if identities == 0:
         if loss.k == "auto":
-            raise InputError(
-                f"loss.k=auto needs the number of identities: set loss.identities (data.source={cfg.data.source} "
-                "has no bags to estimate it from)"
+            info["note"] = (
+                f"loss.k=auto: data.source={cfg.data.source} has no bags to estimate the number of identities from, "
+                f"so the configured deputy window {loss.k_lo}..{loss.k_hi} is used; set loss.identities=N to apply "
+                "the Bernoulli rule, or loss.k=fixed to silence this"
             )
         return loss, info
     info.update(identities=identities, identities_source=source)

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from reid_ssl.config import load_config
 from reid_ssl.data.image_list import scan_folder
 from reid_ssl.data.ssl_sources import bag_stats, folder_source
-from reid_ssl.errors import InputError
 from reid_ssl.train.state import resolve_deputy_window
 from tests.helpers import write_person_image
 
@@ -37,14 +35,17 @@ def test_auto_window_from_bags(tmp_path: Path) -> None:
         load_config(None, ["loss.k=auto", "loss.identities=1000"]), bag_stats(items), 63
     )
     assert info["identities_source"] == "loss.identities" and given.k_lo == 2  # the paper's rank 2, at 1000 ids
-    fixed, info = resolve_deputy_window(load_config(None, []), bag_stats(items), 63)
+    fixed, info = resolve_deputy_window(load_config(None, ["loss.k=fixed"]), bag_stats(items), 63)
     assert (fixed.k_lo, fixed.k_hi) == (2, 10) and 0 < info["p_true_negative"] < 0.99  # logged, not acted on
 
 
-def test_auto_window_needs_identities_or_bags(tmp_path: Path) -> None:
+def test_auto_window_without_identities_or_bags_keeps_the_configured_window_and_says_so(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for n in range(4):
         write_person_image(tmp_path / "flat" / f"{n}.jpg", n, rng)
     items = scan_folder(tmp_path / "flat", bags=False)
-    with pytest.raises(InputError, match=r"loss\.identities"):
-        resolve_deputy_window(load_config(None, ["loss.k=auto"]), bag_stats(items), 63)
+    loss, info = resolve_deputy_window(load_config(None, ["loss.k=auto", "data.source=folder"]), bag_stats(items), 63)
+    assert (loss.k_lo, loss.k_hi) == (2, 10) and "p_true_negative" not in info
+    assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
+    given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
+    assert "note" not in info and given.k_lo == 2
