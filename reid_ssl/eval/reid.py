@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,10 @@ from reid_ssl.eval.figures import plot_cmc, ranked_strip
 from reid_ssl.eval.metrics import CMC_RANKS, evaluate_rank
 from reid_ssl.eval.rerank import rerank_distances
 from reid_ssl.fileio import write_json
+
+if TYPE_CHECKING:
+    from reid_ssl.data.reid import ReidSplit
+    from reid_ssl.embedder import Embedder
 
 DENSE_LIMIT_BYTES = 1 << 30  # above a 1 GiB distance matrix, evaluate by streaming the gallery
 FLIP_NOTE = "flip: feature = normalize(normalize(f(x)) + normalize(f(flip(x))))"
@@ -86,80 +90,84 @@ def evaluate_checkpoint(
         CheckpointError, DatasetLayoutError: unusable checkpoint or dataset; ImageError: unreadable images with
         ``strict``; ResourceLimitError: re-ranking that would not fit.
     """
-    from reid_ssl.checkpoint import load_checkpoint
     from reid_ssl.data.datasets import load_split
-    from reid_ssl.embedder import Embedder, backbone_from_checkpoint
 
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
     split = load_split(dataset, root, **(split_options or {}))
-    ckpt = load_checkpoint(checkpoint)
-    embedder = Embedder(backbone_from_checkpoint(ckpt), ckpt["preprocess"], ckpt["backbone"]["sha256"], device, flip)
-    backbone = {"backbone": ckpt["backbone"]["name"], "backbone_sha256": ckpt["backbone"]["sha256"]}
-    del ckpt  # training state (optimizer, heads) is not needed past this point
+    embedder, model_info = _load_embedder(checkpoint, device, flip)
     out = Path(out_dir) if out_dir is not None else checkpoint.resolve().parent
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- features ------------------------------------------------------------------------------------
+    # ---- features and metrics ------------------------------------------------------------------------
     seconds: dict[str, float] = {}
-    sets: dict[str, _Embedded] = {}
-    for subset, items in (("query", split.query), ("gallery", split.gallery)):
-        t0 = time.perf_counter()
-        feats, ok, failed, hit = embed_items(
-            embedder, [p for p, _, _ in items], out / "features" if cache else None, f"{dataset}-{subset}",
-            batch_size, num_workers, progress,
-        )  # fmt: skip
-        seconds[f"embed_{subset}"] = round(time.perf_counter() - t0, 3)
-        failures = [{"image": items[i][0], "reason": r} for i, r in failed]
-        sets[subset] = _Embedded(feats, [items[i] for i in ok], failures, hit)
+    sets = _embed_sets(embedder, split, dataset, out, cache, batch_size, num_workers, progress, seconds)
     _check_readable(dataset, sets, strict)
     q, g = sets["query"], sets["gallery"]
-
-    # ---- metrics -------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    dense_bytes = 4 * len(q.items) * len(g.items)
-    use_stream = (dense_bytes > DENSE_LIMIT_BYTES) if streaming is None else streaming
-    metrics, ranked = _metrics(q, g, metric, rerank, max_rank, use_stream, strip_topk if num_strips else 0)
-    seconds["metrics"] = round(time.perf_counter() - t0, 3)
-    cmc = np.asarray(metrics["cmc"])
+    topk = strip_topk if num_strips else 0
+    metrics, ranked, use_stream = _metrics(q, g, metric, rerank, max_rank, streaming, topk, seconds)
 
     # ---- figures and the result ----------------------------------------------------------------------
-    files: dict[str, Any] = {"json": str(out / f"eval_{dataset}.json")}
-    label = f"{dataset} ({metric}{', re-ranked' if rerank else ''})"
-    files["cmc_png"] = str(plot_cmc({label: cmc}, out / f"cmc_{dataset}.png", title=f"CMC: {dataset}"))
-    files["strips"] = _strips(q, g, metrics["AP"], ranked, num_strips, strip_topk, out / f"ranked_{dataset}")
-    warnings = [w for w in [collapse_warning(g.features, f"checkpoint {checkpoint}")] if w]
+    files = _figures(q, g, metrics, ranked, dataset, metric, rerank, num_strips, strip_topk, out)
     result: dict[str, Any] = {
         "dataset": dataset,
         "root": str(split.root),
         "checkpoint": str(checkpoint),
-        **backbone,
-        "embedder_fingerprint": embedder.fingerprint,
-        "preprocess": embedder.preprocess,
+        **model_info,
         "flip": flip,
         "metric": metric,
         "rerank": rerank,
         "mode": "streaming" if use_stream else "dense",
-        **{f"rank{r}": (float(cmc[r - 1]) if r <= len(cmc) else None) for r in CMC_RANKS},
-        "mAP": metrics["mAP"],
-        "mINP": metrics["mINP"],
-        "cmc": [float(c) for c in cmc],
-        "num_query": len(q.items),
-        "num_gallery": len(g.items),
-        "num_valid_queries": metrics["num_valid_queries"],
-        "num_query_ids": len(np.unique(q.ids(1))),
-        "num_gallery_ids": len(np.unique(g.ids(1))),
-        "failures": {name: e.failures for name, e in sets.items()},
-        "notes": [*split.notes, TIE_NOTE] + ([FLIP_NOTE] if flip else []),
-        "feature_spread": feature_spread(g.features),
-        "warnings": warnings,
-        "cache": {name: e.cache_hit for name, e in sets.items()} if cache else None,
+        **_scores(metrics, q, g),
+        **_diagnostics(checkpoint, sets, [*split.notes, TIE_NOTE] + ([FLIP_NOTE] if flip else []), cache),
         "files": files,
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(files["json"], result)
     return result
+
+
+def _load_embedder(checkpoint: Path, device: str | None, flip: bool) -> tuple[Embedder, dict[str, Any]]:
+    """The checkpoint's Embedder and what the result records of it: backbone, sha256, fingerprint, preprocessing."""
+    from reid_ssl.checkpoint import load_checkpoint
+    from reid_ssl.embedder import Embedder, backbone_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    embedder = Embedder(backbone_from_checkpoint(ckpt), ckpt["preprocess"], ckpt["backbone"]["sha256"], device, flip)
+    model = {
+        "backbone": ckpt["backbone"]["name"],
+        "backbone_sha256": ckpt["backbone"]["sha256"],
+        "embedder_fingerprint": embedder.fingerprint,
+        "preprocess": embedder.preprocess,
+    }
+    del ckpt  # training state (optimizer, heads) is not needed past this point
+    return embedder, model
+
+
+def _embed_sets(
+    embedder: Embedder,
+    split: ReidSplit,
+    dataset: str,
+    out: Path,
+    cache: bool,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    seconds: dict[str, float],
+) -> dict[str, _Embedded]:
+    """Embed the query and gallery lists (cached under ``out/features``); records ``embed_<subset>`` in ``seconds``."""
+    cache_dir = out / "features" if cache else None
+    sets: dict[str, _Embedded] = {}
+    for subset, items in (("query", split.query), ("gallery", split.gallery)):
+        t0 = time.perf_counter()
+        feats, ok, failed, hit = embed_items(
+            embedder, [p for p, _, _ in items], cache_dir, f"{dataset}-{subset}", batch_size, num_workers, progress
+        )
+        seconds[f"embed_{subset}"] = round(time.perf_counter() - t0, 3)
+        failures = [{"image": items[i][0], "reason": r} for i, r in failed]
+        sets[subset] = _Embedded(feats, [items[i] for i in ok], failures, hit)
+    return sets
 
 
 def _check_readable(dataset: str, sets: dict[str, _Embedded], strict: bool) -> None:
@@ -175,6 +183,25 @@ def _check_readable(dataset: str, sets: dict[str, _Embedded], strict: bool) -> N
 
 
 def _metrics(
+    q: _Embedded,
+    g: _Embedded,
+    metric: str,
+    rerank: bool,
+    max_rank: int,
+    streaming: bool | None,
+    topk: int,
+    seconds: dict[str, float],
+) -> tuple[dict[str, Any], np.ndarray | _DenseRanking, bool]:
+    """Metrics, what the strips need to rank a query's gallery, and whether they were streamed; times them."""
+    t0 = time.perf_counter()
+    dense_bytes = 4 * len(q.items) * len(g.items)
+    stream = (dense_bytes > DENSE_LIMIT_BYTES) if streaming is None else streaming
+    metrics, ranked = _dense_or_streamed(q, g, metric, rerank, max_rank, stream, topk)
+    seconds["metrics"] = round(time.perf_counter() - t0, 3)
+    return metrics, ranked, stream
+
+
+def _dense_or_streamed(
     q: _Embedded, g: _Embedded, metric: str, rerank: bool, max_rank: int, stream: bool, topk: int
 ) -> tuple[dict[str, Any], np.ndarray | _DenseRanking]:
     """Metrics, dense or streamed, and what the strips need to rank a query's gallery."""
@@ -219,3 +246,53 @@ def _strips(q: _Embedded, g: _Embedded, ap: np.ndarray, ranked: Any, count: int,
         name = f"q{qi:05d}_pid{q.items[qi][1]}.png"
         paths.append(str(ranked_strip(q.items[qi], [g.items[i] for i in order], folder / name)))
     return paths
+
+
+def _figures(
+    q: _Embedded,
+    g: _Embedded,
+    metrics: dict[str, Any],
+    ranked: Any,
+    dataset: str,
+    metric: str,
+    rerank: bool,
+    num_strips: int,
+    strip_topk: int,
+    out: Path,
+) -> dict[str, Any]:
+    """The CMC plot and the ranked strips; returns the result's ``"files"`` (the JSON's path first)."""
+    files: dict[str, Any] = {"json": str(out / f"eval_{dataset}.json")}
+    label = f"{dataset} ({metric}{', re-ranked' if rerank else ''})"
+    cmc = np.asarray(metrics["cmc"])
+    files["cmc_png"] = str(plot_cmc({label: cmc}, out / f"cmc_{dataset}.png", title=f"CMC: {dataset}"))
+    files["strips"] = _strips(q, g, metrics["AP"], ranked, num_strips, strip_topk, out / f"ranked_{dataset}")
+    return files
+
+
+def _scores(metrics: dict[str, Any], q: _Embedded, g: _Embedded) -> dict[str, Any]:
+    """The result's rank-k, mAP, mINP, CMC and counts."""
+    cmc = np.asarray(metrics["cmc"])
+    return {
+        **{f"rank{r}": (float(cmc[r - 1]) if r <= len(cmc) else None) for r in CMC_RANKS},
+        "mAP": metrics["mAP"],
+        "mINP": metrics["mINP"],
+        "cmc": [float(c) for c in cmc],
+        "num_query": len(q.items),
+        "num_gallery": len(g.items),
+        "num_valid_queries": metrics["num_valid_queries"],
+        "num_query_ids": len(np.unique(q.ids(1))),
+        "num_gallery_ids": len(np.unique(g.ids(1))),
+    }
+
+
+def _diagnostics(checkpoint: Path, sets: dict[str, _Embedded], notes: list[str], cache: bool) -> dict[str, Any]:
+    """The result's failures, notes, gallery feature spread, collapse warning and cache hits."""
+    g = sets["gallery"]
+    warnings = [w for w in [collapse_warning(g.features, f"checkpoint {checkpoint}")] if w]
+    return {
+        "failures": {name: e.failures for name, e in sets.items()},
+        "notes": notes,
+        "feature_spread": feature_spread(g.features),
+        "warnings": warnings,
+        "cache": {name: e.cache_hit for name, e in sets.items()} if cache else None,
+    }
