@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,10 @@ from torch import nn
 
 from reid_ssl.errors import DatasetLayoutError, InputError
 from reid_ssl.optim import warmup_cosine_lr
+
+if TYPE_CHECKING:
+    from reid_ssl.data.classification import LabeledSet
+    from reid_ssl.embedder import Embedder
 
 PROTOCOLS = ("knn", "linear")
 
@@ -175,21 +179,7 @@ def evaluate_classification(
     if sets["test"].classes != classes:
         raise DatasetLayoutError(f"{dataset}: the train and test splits have different classes")
     embedder = load_embedder(checkpoint, device=device, flip=flip)
-    feats, labels, failures = {}, {}, []
-    for split, data in sets.items():
-        images, y = data.images, data.labels
-        res = embedder.embed_images(
-            images, batch_size=batch_size, num_workers=num_workers, progress=progress, desc=f"embedding {split}"
-        )
-        feats[split], labels[split] = res.features, y[res.ok]
-        failures += [
-            {
-                "split": split,
-                "image": str(images[i]) if not isinstance(images[i], Image.Image) else f"#{i}",
-                "reason": reason,
-            }
-            for i, reason in res.failures
-        ]
+    feats, labels, failures = _embed_splits(embedder, sets, batch_size, num_workers, progress)
     if len(feats["train"]) == 0 or len(feats["test"]) == 0:
         raise DatasetLayoutError(f"{dataset}: no readable images in the train or test set")
     args = (feats["train"], labels["train"], feats["test"], labels["test"], len(classes))
@@ -213,3 +203,27 @@ def evaluate_classification(
         "failures": failures,
         "seconds": {"embed": round(t1 - t0, 3), "protocol": round(time.perf_counter() - t1, 3)},
     }
+
+
+def _embed_splits(
+    embedder: Embedder, sets: dict[str, LabeledSet], batch_size: int, num_workers: int, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict[str, str]]]:
+    """Each split's features and labels (readable images only), and the failures (``#i`` for in-memory images)."""
+    feats: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    failures: list[dict[str, str]] = []
+    for split, data in sets.items():
+        images, y = data.images, data.labels
+        res = embedder.embed_images(
+            images, batch_size=batch_size, num_workers=num_workers, progress=progress, desc=f"embedding {split}"
+        )
+        feats[split], labels[split] = res.features, y[res.ok]
+        failures += [
+            {
+                "split": split,
+                "image": str(images[i]) if not isinstance(images[i], Image.Image) else f"#{i}",
+                "reason": reason,
+            }
+            for i, reason in res.failures
+        ]
+    return feats, labels, failures
