@@ -154,23 +154,34 @@ def evaluate_features(
         if topk > 0:
             _mask(d, np.arange(nq), m, offset=start, mask_true=False)  # junk never enters the ranked lists
             best_d, best_i = _merge_topk(best_d, best_i, d, start, topk)
-
-        def work(group: np.ndarray, d: np.ndarray = d, start: int = start) -> None:
-            width = int(m.num_pos[group].max())
-            rows = _mask(d[group], group, m, offset=start)
-            counts = _count_not_farther(rows, m.thresholds(group, width))
-            for row, qi in enumerate(group):
-                s = m.pos_start[qi]
-                wrong[s : s + m.num_pos[qi]] += counts[row, : m.num_pos[qi]]
-
-        _run(work, _query_groups(queries, m.num_pos, len(g)), num_threads)
+        _count_wrong(d, start, m, queries, wrong, num_threads)
         if progress is not None:
             progress(min(start + block, ng), ng)
     result = _summarise(m, wrong, nq, ng, max_rank)
     if topk > 0 and best_d is not None and best_i is not None:
-        order = np.argsort(best_d, axis=1, kind="stable")
-        best_d, best_i = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
-        finite = np.isfinite(best_d)
-        result["topk_indices"] = np.where(finite, best_i, -1)
-        result["topk_distances"] = best_d.astype(np.float32)
+        result.update(_sorted_topk(best_d, best_i))
     return result
+
+
+def _count_wrong(
+    d: np.ndarray, start: int, m: _Matches, queries: np.ndarray, wrong: np.ndarray, num_threads: int | None
+) -> None:
+    """Add to ``wrong``, per true match, the wrong matches of this block (gallery rows from ``start``) not farther."""
+
+    def work(group: np.ndarray) -> None:
+        width = int(m.num_pos[group].max())
+        rows = _mask(d[group], group, m, offset=start)
+        counts = _count_not_farther(rows, m.thresholds(group, width))
+        for row, qi in enumerate(group):
+            s = m.pos_start[qi]
+            wrong[s : s + m.num_pos[qi]] += counts[row, : m.num_pos[qi]]
+
+    _run(work, _query_groups(queries, m.num_pos, d.shape[1]), num_threads)
+
+
+def _sorted_topk(best_d: np.ndarray, best_i: np.ndarray) -> dict[str, np.ndarray]:
+    """The running top-k lists nearest first: ``topk_indices`` (-1 where fewer items) and ``topk_distances``."""
+    order = np.argsort(best_d, axis=1, kind="stable")
+    best_d, best_i = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    finite = np.isfinite(best_d)
+    return {"topk_indices": np.where(finite, best_i, -1), "topk_distances": best_d.astype(np.float32)}
