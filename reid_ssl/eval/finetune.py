@@ -98,10 +98,7 @@ def finetune(
     opt = FinetuneSettings(
         loss, epochs, max_steps, batch_size, lr, weight_decay, num_instances, margin, num_workers, seed
     )
-    if opt.loss not in FINETUNE_LOSSES:
-        raise InputError(f"unknown loss {opt.loss!r}; choose one of {list(FINETUNE_LOSSES)}")
-    if opt.epochs < 1 or opt.batch_size < 1 or (opt.max_steps is not None and opt.max_steps < 1):
-        raise InputError("epochs, batch_size and max_steps must be >= 1")
+    _check_settings(opt)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     split = load_split(dataset, root, **(split_options or {}))
@@ -114,16 +111,7 @@ def finetune(
     history, step, epoch = _train(engine, dm, opt, log or (lambda line: None))
     if chatter.getvalue() and log is not None:
         print(chatter.getvalue(), end="", file=sys.stderr)
-    settings = {
-        "dataset": dataset,
-        "root": str(split.root),
-        **dataclasses.asdict(opt),
-        "optimizer": "adam",
-        "scheduler": "cosine",
-        "num_train_ids": dm.num_train_pids,
-        "parent_checkpoint": str(checkpoint),
-        "parent_sha256": ckpt["backbone"]["sha256"],
-    }
+    settings = _settings_record(dataset, split, opt, dm.num_train_pids, checkpoint, ckpt["backbone"]["sha256"])
     out_path = Path(out) if out is not None else default_output(checkpoint, dataset, opt.loss)
     _save(out_path, ckpt, model, settings, step, epoch)
     return {
@@ -136,6 +124,30 @@ def finetune(
         "skipped_train_images": [{"image": str(p), "reason": r} for p, r in bad],
         "settings": settings,
         "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _check_settings(opt: FinetuneSettings) -> None:
+    """Refuse an unknown loss and non-positive epochs, batch size or step limit."""
+    if opt.loss not in FINETUNE_LOSSES:
+        raise InputError(f"unknown loss {opt.loss!r}; choose one of {list(FINETUNE_LOSSES)}")
+    if opt.epochs < 1 or opt.batch_size < 1 or (opt.max_steps is not None and opt.max_steps < 1):
+        raise InputError("epochs, batch_size and max_steps must be >= 1")
+
+
+def _settings_record(
+    dataset: str, split: Any, opt: FinetuneSettings, num_ids: int, parent: str | Path, parent_sha256: str
+) -> dict[str, Any]:
+    """What the output checkpoint's config and the result record of the run: data, settings, parent."""
+    return {
+        "dataset": dataset,
+        "root": str(split.root),
+        **dataclasses.asdict(opt),
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "num_train_ids": num_ids,
+        "parent_checkpoint": str(parent),
+        "parent_sha256": parent_sha256,
     }
 
 
