@@ -227,9 +227,41 @@ def _summary(
     }
 
 
+def _publish(
+    idx: GalleryIndex,
+    embedder: Embedder,
+    source: GallerySource,
+    opt: BuildOptions,
+    build: Path,
+    out: Path,
+    lock: store.WriterLock | None,
+    world_size: int,
+) -> tuple[list[tuple[str, str]], dict[str, Any] | str | None]:
+    """Rank 0: merge the chunks into ``idx``, calibrate it, publish it at ``out``; (failures, calibration)."""
+    features, items, failures = _merge_chunks(build, source, opt, embedder.feature_dim, world_size)
+    idx.add(features, items)
+    idx.add_roots(*source.roots)
+    calibration = _calibrate_for_build(idx, embedder, source, opt) if opt.calibrate else None
+    # publish on top of whatever is there (--overwrite), under the lock we already hold
+    idx.path, idx._base_generation, idx._lock = out, store.current_generation(out), lock
+    idx.save(out)
+    shutil.rmtree(build, ignore_errors=True)
+    return failures, calibration
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The build
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or that holds an index without ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; an index is a folder: choose another output")
+    if store.is_index(out) and not overwrite:
+        raise AlreadyExistsError(
+            f"{out} already holds an index: add to it with `reid_ssl index add`, or rebuild with --overwrite"
+        )
 
 
 def build_index(
@@ -266,12 +298,7 @@ def build_index(
     out = Path(out)
     barrier = barrier or (lambda: None)
     t0 = time.time()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} is a file; an index is a folder: choose another output")
-    if store.is_index(out) and not opt.overwrite:
-        raise AlreadyExistsError(
-            f"{out} already holds an index: add to it with `reid_ssl index add`, or rebuild with --overwrite"
-        )
+    _check_output(out, opt.overwrite)
     info = embedder_info(embedder, checkpoint)
     # checks type, factory and on_disk before any work
     idx = GalleryIndex.create(info, opt.index_type, factory=opt.factory, nprobe=opt.nprobe, on_disk=opt.on_disk)
@@ -288,14 +315,7 @@ def build_index(
         if rank != 0:
             barrier()  # wait until rank 0 published
             return {"rank": rank, "chunks": len(mine), "embedded_chunks": len(todo)}
-        features, items, failures = _merge_chunks(build, source, opt, embedder.feature_dim, world_size)
-        idx.add(features, items)
-        idx.add_roots(*source.roots)
-        calibration = _calibrate_for_build(idx, embedder, source, opt) if opt.calibrate else None
-        # publish on top of whatever is there (--overwrite), under the lock we already hold
-        idx.path, idx._base_generation, idx._lock = out, store.current_generation(out), lock
-        idx.save(out)
-        shutil.rmtree(build, ignore_errors=True)
+        failures, calibration = _publish(idx, embedder, source, opt, build, out, lock, world_size)
         n_chunks = math.ceil(len(source.items) / opt.chunk_size)
         result = _summary(
             idx,
