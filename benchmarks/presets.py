@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import REPO, available_cores, set_threads
-from reid_ssl.config import Config, apply_changes, load_config, parse_overrides
+from reid_ssl.config import BYOL_AUGMENT, Config, apply_changes, augment_overrides, load_config, parse_overrides
 
 WORK_DIR = REPO / "runs" / "bench"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -74,6 +74,7 @@ class Preset:
             f"model.proj_dim={self.heads[1]}",
             f"model.pred_hidden_dim={self.heads[2]}",
             "model.multires=false",  # the same views for every method; bench_ablations turns it on
+            *augment_overrides(BYOL_AUGMENT),  # the paper's views for every method
             f"train.batch_size={self.batch_size}",
             f"train.epochs={self.epochs}",
             "train.device=auto",

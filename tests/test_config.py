@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from reid_ssl.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from reid_ssl.config import BYOL_AUGMENT, Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -36,9 +37,20 @@ def test_paper_configs_carry_the_reference_hyperparameters():
 
 
 def test_the_cpu_default_file_restates_the_builtin_defaults():
-    cfg = load_config(CONFIGS / "pets09_r18_cpu.yaml")
-    default = Config()
-    assert cfg.model == default.model and cfg.optim == default.optim and cfg.data == default.data
+    assert load_config(CONFIGS / "pets09_r18_cpu.yaml") == Config()  # every section, every key
+
+
+def test_the_cpu_default_is_the_recipe_chosen_on_the_validation_split():
+    cfg = Config()  # benchmarks/bench_recipe.py: candidate k-auto-1res-short-reid-aug, 96x48 test size
+    assert (cfg.loss.k, cfg.model.multires, cfg.train.epochs) == ("auto", False, 15)
+    aug = cfg.augment  # BYOL's views with the colour kept and crops of at least 30%
+    assert (aug.crop_scale, aug.hue, aug.saturation, aug.grayscale) == ((0.3, 1.0), 0.0, 0.0, 0.0)
+    assert dataclasses.replace(aug, crop_scale=(0.08, 1.0), hue=0.1, saturation=0.2, grayscale=0.2) == BYOL_AUGMENT
+    assert (cfg.data.height, cfg.data.width, cfg.data.eval_height, cfg.data.eval_width) == (64, 32, 96, 48)
+    for paper in ("imagenet_r50_paper.yaml", "sysu30k_r50_paper.yaml"):
+        loss = load_config(CONFIGS / paper).loss
+        assert (loss.k, loss.k_lo, loss.k_hi) == ("fixed", 2, 10)  # the paper's window, not the rule
+        assert load_config(CONFIGS / paper).augment == BYOL_AUGMENT  # and the paper's views
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):
@@ -60,7 +72,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("model.multires_online=[1, 2, 3]", "list of 2"),
         ("loss.name=triplet", "not one of"),
         ("loss.k_lo=11", "k_lo <= k_hi"),
-        ("train.batch_size=8", "fewer than loss.k_hi"),
+        ("loss.k=fixed;train.batch_size=8", "fewer than loss.k_hi"),  # (k=auto shifts the window down)
         ("model.target=shared", "only makes sense"),
         ("train.epochs", "section.key=value"),
         ("epochs=3", "section.key"),
@@ -68,7 +80,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 )
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=override.split(";"))
 
 
 def test_overrides_apply_after_the_file(tmp_path):
