@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from reid_ssl.checkpoint import preprocess_from_config, save_checkpoint
 from reid_ssl.config import Config, LossConfig, to_dict
+from reid_ssl.data.datasets import resolve_root
 from reid_ssl.distributed import Dist, gather_rows, init_distributed, shutdown
 from reid_ssl.embedder import Embedder
 from reid_ssl.errors import CheckpointError, InputError, TrainingError
@@ -195,7 +196,7 @@ def _build(plan: RunPlan) -> _Run:
     if d.main:
         log.info(
             "data: %d images from %s (%s); %d optimizer steps of %d x %d x %d images; %d negatives/anchor",
-            feed.images, cfg.data.source, cfg.data.root, total_steps,
+            feed.images, cfg.data.source, resolve_root(cfg.data.source, cfg.data.root or None), total_steps,
             cfg.train.batch_size, d.world_size, cfg.train.accumulate, negatives,
         )  # fmt: skip
         for note in plan.notes:
