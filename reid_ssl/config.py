@@ -110,7 +110,7 @@ class LossConfig:
     # given (the paper's 2..10); "auto" applies the paper's Bernoulli rule: k_lo = the smallest rank whose negative
     # is another identity with probability >= k_confidence, given the negatives per anchor and the number of
     # identities, and the window keeps its width (k_hi - k_lo). The CPU default is "auto": with ~20 people and 63
-    # negatives per anchor the paper's rank 2 is another person with probability 0.17; the rule picks rank 9.
+    # negatives per anchor the paper's rank 2 is another person with probability 0.17; the rule picks ranks 9-10.
     k: Literal["fixed", "auto"] = "auto"
     k_lo: int = 2
     k_hi: int = 10
