@@ -72,13 +72,14 @@ METRICS = ("rank1", "rank5", "rank10", "mAP")
 
 def train(name: str, seed: int, root: str, work: Path, threads: int) -> dict[str, Any]:
     """Train candidate ``name`` with ``seed`` (monitor on the validation split); returns the CLI summary."""
-    return train_run(work / name / f"seed{seed}", CANDIDATES[name], seed, root, threads)
+    return train_run(work / name / f"seed{seed}", [*BASE, *CANDIDATES[name]], seed, root, threads)
 
 
 def train_run(out: Path, overrides: list[str], seed: int, root: str, threads: int) -> dict[str, Any]:
-    """``reid_ssl train`` on the default config plus ``overrides`` into ``out`` (monitor on the validation
-    split every 5 epochs), in a subprocess with ``threads`` threads; returns the CLI summary and the wall time."""
-    cmd = [sys.executable, "-m", "reid_ssl.cli", "train", *BASE, *overrides, f"data.root={root}",
+    """``reid_ssl train OVERRIDES`` into ``out`` (monitor on the validation split every 5 epochs), in a subprocess
+    with ``threads`` threads; returns the CLI summary and the wall time. ``overrides`` are the arguments after
+    ``train`` (``-c FILE``, ``key=value``); none trains the built-in default recipe."""
+    cmd = [sys.executable, "-m", "reid_ssl.cli", "train", *overrides, f"data.root={root}",
            f"train.seed={seed}", f"train.out_dir={out}", "train.eval_dataset=pets09-val", "train.eval_every_epochs=5",
            "train.tensorboard=false", "-q", "--json"]  # fmt: skip
     if (out / "checkpoint.pt").is_file():
