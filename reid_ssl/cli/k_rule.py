@@ -7,6 +7,8 @@ import argparse
 from reid_ssl.cli.common import add_parser, print_json
 from reid_ssl.errors import InputError
 
+MAX_TABLE_ROWS = 1000
+
 DESCRIPTION = """\
 For X ~ Binomial(negatives, 1/classes) same-identity "negatives" in a batch, print P(X < k): the probability
 that the negative ranked k by similarity belongs to another identity (docs/method.md, "Choosing k")."""
@@ -16,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k = add_parser(sub, "k-rule", "Bernoulli rule: is the rank-k negative a true negative?", DESCRIPTION)
     k.add_argument("--negatives", type=int, required=True, help="negatives per anchor (batch size - 1)")
     k.add_argument("--classes", type=int, required=True, help="number of classes / identities in the data")
-    k.add_argument("--max-k", type=int, default=10, help="largest k to print (default 10)")
+    k.add_argument("--max-k", type=int, default=10, help=f"largest k to print (default 10, at most {MAX_TABLE_ROWS})")
     k.add_argument("--confidence", type=float, default=0.99, help="report the smallest k reaching this")
     k.add_argument("--json", action="store_true", help="print JSON")
     k.set_defaults(handler=run)
@@ -27,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.negatives < 1 or args.classes < 1 or args.max_k < 1 or not 0 < args.confidence < 1:
         raise InputError("--negatives, --classes and --max-k must be >= 1 and 0 < --confidence < 1")
+    if args.max_k > MAX_TABLE_ROWS:
+        raise InputError(
+            f"--max-k {args.max_k}: the table prints at most {MAX_TABLE_ROWS} rows (the smallest safe k is "
+            "computed whatever its size)"
+        )
     n, c = args.negatives, args.classes
     table = [{"k": k, "p_true_negative": prob_rank_k_true_negative(n, c, k)} for k in range(1, args.max_k + 1)]
     result = {

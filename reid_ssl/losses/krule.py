@@ -7,34 +7,39 @@ negative ranked k is a true negative exactly when X < k.
 
 from __future__ import annotations
 
-import math
-
 
 def prob_rank_k_true_negative(negatives: int, classes: int, k: int) -> float:
     """P(X < k) for X ~ Binomial(negatives, 1/classes): the chance that the rank-k negative is a true one.
 
     X counts the same-class "false negatives" among the in-batch negatives; if they rank first, the rank-k
-    negative is from another class exactly when fewer than k of them exist.
+    negative is from another class exactly when fewer than k of them exist. Exact (SciPy's binomial CDF), in
+    constant time for any size.
+
+    Raises:
+        ValueError: an argument below 1.
     """
     if negatives < 1 or classes < 1 or k < 1:
         raise ValueError(f"need negatives, classes, k >= 1, got {negatives}, {classes}, {k}")
-    p = 1.0 / classes
-    if p >= 1.0:
+    if classes == 1:
         return 0.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    total = 0.0
-    for i in range(min(k, negatives + 1)):
-        log_c = math.lgamma(negatives + 1) - math.lgamma(i + 1) - math.lgamma(negatives - i + 1)
-        total += math.exp(log_c + i * log_p + (negatives - i) * log_q)
-    return min(total, 1.0)
+    from scipy.stats import binom
+
+    return float(min(binom.cdf(k - 1, negatives, 1.0 / classes), 1.0))
 
 
 def smallest_safe_k(negatives: int, classes: int, confidence: float = 0.99) -> int:
-    """Smallest k whose rank-k negative is a true negative with probability >= ``confidence``."""
-    for k in range(1, negatives + 1):
-        if prob_rank_k_true_negative(negatives, classes, k) >= confidence:
-            return k
-    return negatives
+    """Smallest k whose rank-k negative is a true negative with probability >= ``confidence`` (at most
+    ``negatives``): one quantile of the binomial, checked against the CDF at its neighbours."""
+    if classes == 1:
+        return negatives
+    from scipy.stats import binom
+
+    k = int(binom.ppf(confidence, negatives, 1.0 / classes)) + 1  # P(X <= k - 1) >= confidence
+    while k > 1 and prob_rank_k_true_negative(negatives, classes, k - 1) >= confidence:
+        k -= 1
+    while k < negatives and prob_rank_k_true_negative(negatives, classes, k) < confidence:
+        k += 1
+    return max(1, min(k, negatives))
 
 
 def auto_window(negatives: int, identities: int, width: int, confidence: float = 0.99) -> tuple[int, int, float]:

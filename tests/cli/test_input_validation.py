@@ -75,6 +75,7 @@ BAD_INPUT = [
     (["app", "--index", "{index}", "--auth-file", "{missing}"], "auth file not found"),
     (["app", "--index", "{index}", "--checkpoint", "{missing}.pt"], "checkpoint not found"),
     (["k-rule", "--negatives", "-1", "--classes", "5"], "must be >= 1"),
+    (["k-rule", "--negatives", "63", "--classes", "20", "--max-k", "100000000"], "at most 1000 rows"),
     (["prepare", "nope"], "invalid choice: 'nope'"),
     (["prepare", "pets09", "--video", "{missing}.avi"], "not found"),
     (["nope"], "invalid choice: 'nope'"),

@@ -27,3 +27,23 @@ def test_auto_window_keeps_its_width_and_fits_the_batch() -> None:
     assert k_hi == 15 and k_hi - k_lo + 1 == 9
     with pytest.raises(ValueError):
         auto_window(63, 20, width=0)
+
+
+def test_the_rule_is_exact_and_instant_at_any_size() -> None:
+    """The CDF against a direct sum of binomial terms, and k for 10^11 negatives without a loop over k."""
+    import math
+    import time
+
+    def direct(n: int, c: int, k: int) -> float:
+        lp, lq = math.log(1 / c), math.log1p(-1 / c)
+        terms = (
+            math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq for i in range(k)
+        )
+        return min(sum(math.exp(t) for t in terms), 1.0)
+
+    for n, c, k in [(63, 20, 9), (195, 1000, 2), (1000, 10, 130), (5, 2, 3)]:
+        assert prob_rank_k_true_negative(n, c, k) == pytest.approx(direct(n, c, k), abs=1e-12)
+    t = time.perf_counter()
+    k = smallest_safe_k(10**11, 20)
+    assert time.perf_counter() - t < 1.0  # was a quadratic loop: hours at this size
+    assert prob_rank_k_true_negative(10**11, 20, k) >= 0.99 > prob_rank_k_true_negative(10**11, 20, k - 1)
