@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from reid_ssl.cli.common import add_parser, existing_checkpoint, positive_int, print_json, wrap
 from reid_ssl.cli.eval import add_checkpoint_args
+from reid_ssl.errors import InputError
 
 DESCRIPTION = wrap(
     "torchreid: {'state_dict', 'arch', ...} for torchreid.utils.load_pretrained_weights; torchvision: a ResNet "
@@ -27,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_checkpoint_args(x, default=None)
     x.add_argument("--to", required=True, choices=EXPORT_FORMATS.names(), help=EXPORT_FORMATS.describe())
-    x.add_argument("--out", required=True, help="output file")
+    x.add_argument("--out", required=True, help="output file (an existing one is replaced only with --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.add_argument("--opset", type=positive_int, help="onnx: opset version (default: the exporter's)")
     x.set_defaults(handler=run)
 
@@ -36,6 +39,13 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = existing_checkpoint(args.checkpoint)
     from reid_ssl.export import export_checkpoint
 
+    out = Path(args.out).expanduser()
+    if out.exists() and out.resolve() == Path(checkpoint).resolve():
+        raise InputError(f"--out {out} is the checkpoint being exported: write the export to another file")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: give a file name, e.g. {out / 'model.pt'}")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {out} already exists: choose another file, or pass --overwrite to replace it")
     result = export_checkpoint(checkpoint, args.to, args.out, opset=args.opset)
     if args.json:
         print_json(result)

@@ -140,6 +140,25 @@ def test_export_cli(capsys, tmp_path, checkpoint) -> None:
     assert code == 2 and "checkpoint not found" in err
 
 
+def test_export_never_replaces_a_file_unasked(capsys, tmp_path, checkpoint) -> None:
+    """Nothing is lost: not the checkpoint itself, not an unrelated file, not a folder."""
+    copy = tmp_path / "ck.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    before = copy.read_bytes()
+    for out, message in [(copy, "is the checkpoint being exported"), (notes, "--overwrite"), (tmp_path, "is a folder")]:
+        for extra in ([], ["--overwrite"]) if out != tmp_path else ([],):
+            code, _, err = run(
+                capsys, "export", "--checkpoint", str(copy), "--to", "reid_ssl", "--out", str(out), *extra
+            )
+            if out == notes and extra:
+                assert code == 0  # asked for: replaced
+            else:
+                assert code == 2 and message in err, err
+    assert copy.read_bytes() == before
+
+
 def test_finetune_cli_then_eval(capsys, tmp_path, checkpoint, market_tree) -> None:
     code, out, err = run(
         capsys,
