@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from reid_ssl.cli.common import add_parser, print_json, print_table
 from reid_ssl.console import is_main_process, setup_logging, show_progress
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from reid_ssl.config import explicit_changes, load_config, to_yaml
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume train.epochs=60`: argparse read the override as the optional checkpoint path
+        args.overrides, args.resume = [args.resume, *args.overrides], True
     cfg = load_config(args.config, args.overrides)
     changes = explicit_changes(args.config, args.overrides) if args.resume else None
     if args.print_config:

@@ -106,3 +106,12 @@ def test_input_validation_every_cli_subcommand_gives_one_clear_line(bad_input_pl
     code, _, err = run_cli([a.format(**bad_input_places) for a in argv])
     assert_one_clear_line(code, err, message)
     assert not Path(bad_input_places["missing"]).exists()  # a refused command creates nothing
+
+
+def test_resume_followed_by_an_override_reads_it_as_an_override(capsys) -> None:
+    """`reid_ssl train --resume train.epochs=60` (the help's own example): the override is not a checkpoint path."""
+    from reid_ssl.cli import main
+
+    assert main(["train", "--resume", "train.epochs=60", "optim.lr=0.05", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 60" in out and "lr: 0.05" in out
