@@ -15,14 +15,30 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from reid_ssl.errors import InputError
+
 T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device`` reads it.
+
+    Raises:
+        InputError: not a device name, or a CUDA device on a machine that has none (or fewer).
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {device!r}: this machine has no usable CUDA device; use cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"device {device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return dev
 
 
 @dataclass(frozen=True)
