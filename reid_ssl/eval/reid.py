@@ -47,6 +47,10 @@ class _Embedded:
         return np.asarray([it[col] for it in self.items], dtype=np.int64)
 
 
+# Fewer query identities than this and the scores are flagged: with 1 identity any ranking scores 100%.
+MIN_QUERY_IDENTITIES = 5
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     dataset: str,
@@ -289,6 +293,13 @@ def _diagnostics(checkpoint: Path, sets: dict[str, _Embedded], notes: list[str],
     """The result's failures, notes, gallery feature spread, collapse warning and cache hits."""
     g = sets["gallery"]
     warnings = [w for w in [collapse_warning(g.features, f"checkpoint {checkpoint}")] if w]
+    identities = len(np.unique(sets["query"].ids(1)))
+    if identities < MIN_QUERY_IDENTITIES:
+        warnings.append(
+            f"only {identities} query identit{'y' if identities == 1 else 'ies'}: rank-k and mAP say little (with one "
+            "identity every top match can be right); use a split with more people, e.g. longer footage for "
+            "`reid_ssl prepare video --split`"
+        )
     return {
         "failures": {name: e.failures for name, e in sets.items()},
         "notes": notes,

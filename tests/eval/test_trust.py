@@ -67,3 +67,18 @@ def test_nan_weights_are_blamed_on_the_checkpoint(tmp_path: Path, market_tree: P
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "market-layout", "--root", str(market_tree)]) == 2
     err = capsys.readouterr().err
     assert "diverged.pt" in err and "NaN" in err and "distmat" not in err
+
+
+def test_a_single_identity_split_is_flagged(tmp_path: Path, market_tree: Path, checkpoint: Path) -> None:
+    """With one query identity every top match can be right: the 100% is flagged, not reported bare."""
+    import shutil
+
+    tree = tmp_path / "one"
+    shutil.copytree(market_tree, tree)
+    queries = sorted((tree / "query").glob("*.jpg"))
+    keep = queries[0].name.split("_")[0]
+    for q in queries:
+        if q.name.split("_")[0] != keep:
+            q.unlink()
+    result = evaluate_checkpoint(checkpoint, "market-layout", tree, out_dir=tmp_path / "o", num_strips=0)
+    assert any("only 1 query identity" in w for w in result["warnings"])
