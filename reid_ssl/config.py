@@ -78,7 +78,7 @@ BYOL_AUGMENT = AugmentConfig(crop_scale=(0.08, 1.0), saturation=0.2, hue=0.1, gr
 
 
 def augment_overrides(aug: AugmentConfig) -> list[str]:
-    """``augment.key=value`` overrides that set every field of ``aug`` (for ``load_config``'s overrides)."""
+    """Overrides ``augment.<field>=<value>`` that set every field of ``aug`` (for ``load_config``)."""
     return [f"augment.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in dataclasses.asdict(aug).items()]
 
 
