@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video", help="path to vtest.avi (default: data/vtest.avi, then the opencv-doc path)")
     p.add_argument("--fetch", action="store_true", help="download vtest.avi from the Debian package if missing")
     p.add_argument("--out", default="data/pets09", help="output folder (default data/pets09)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace another prepared dataset in --out (e.g. prepare video's)"
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(handler=run_pets09)
 
@@ -136,7 +139,7 @@ def run_pets09(args: argparse.Namespace) -> int:
         if not args.fetch:
             raise
         video = pets09.fetch_video(Path("data/vtest.avi") if args.video is None else Path(args.video))
-    manifest = pets09.build_pets09(video, Path(args.out))
+    manifest = pets09.build_pets09(video, Path(args.out), overwrite=args.overwrite)
     _report(manifest, f"PETS09 data ready in {args.out}", args.json)
     return 0
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from reid_ssl.data.video.split import SplitProtocol
 from reid_ssl.data.video.track import TrackBox
-from reid_ssl.errors import DatasetLayoutError, DependencyError, InputError, MissingFileError
+from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, DependencyError, InputError, MissingFileError
 from reid_ssl.fileio import sha256_file
 
 VIDEO_SHA256 = "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf"
@@ -242,6 +242,7 @@ def build_pets09(
     protocol: SplitProtocol | None = None,
     jpeg_quality: int = 95,
     check_video: bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Crop the tracked boxes into training bags and the test / validation retrieval splits, with a manifest.
 
@@ -257,12 +258,16 @@ def build_pets09(
         tracks: defaults to the packaged tracks (:func:`load_tracks`).
         protocol: the split (default: :class:`~reid_ssl.data.video.split.SplitProtocol`'s defaults).
         check_video: require the video's sha256 to be :data:`VIDEO_SHA256`; default: when ``tracks`` is None.
+        overwrite: replace a dataset of another kind that ``out`` holds (an earlier PETS09 build is always
+            rebuilt: it is made again from the video).
 
     Returns:
         The manifest: counts, split counts, ``tracks_sha256``, ``video_sha256`` and the options.
 
     Raises:
         InputError: another video than PETS09's; DatasetLayoutError: tracks beyond the video's end.
+        AlreadyExistsError: ``out`` holds another prepared dataset (``reid_ssl prepare video``'s) and not
+            ``overwrite``.
     """
     from reid_ssl.data.video.frames import FrameSource
     from reid_ssl.data.video.prepare import TrackedInput, VideoOptions, publish
@@ -288,6 +293,11 @@ def build_pets09(
         existing = None
     if isinstance(existing, dict) and existing.get("digest") == digest:
         return existing
+    if isinstance(existing, dict) and existing.get("dataset") != extra["dataset"] and not overwrite:
+        raise AlreadyExistsError(
+            f"{out} already holds another prepared dataset ({existing.get('dataset') or 'prepare video'}); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
     source = FrameSource(video)
     last = max((b.frame for b in tracks), default=-1)
     frames = sum(1 for _ in source.frames(source.select()))

@@ -34,6 +34,7 @@ from reid_ssl.data.video.detect import HOGDetector, iou_matrix
 from reid_ssl.data.video.frames import FrameSource
 from reid_ssl.data.video.split import SplitProtocol
 from reid_ssl.data.video.track import TrackBox, track_stats
+from reid_ssl.errors import AlreadyExistsError
 from reid_ssl.eval.baselines import histogram_baseline
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,6 +222,21 @@ def test_build_pets09_layout_and_resume(tmp_path: Path, synthetic_video: tuple[P
     again = build_pets09(video, out, tracks, SplitProtocol(min_test_len=20, test_every=3, test_offset=1))
     assert again["split"]["test_tracklets"] == 2 and (out / "train").is_dir()
     assert not (out / "train" / "vtest-00003").exists() or (out / "train" / "vtest-00003" / "000000.jpg").is_file()
+
+
+def test_build_pets09_never_replaces_another_prepared_dataset(
+    tmp_path: Path, synthetic_video: tuple[Path, list[TrackBox]]
+) -> None:
+    """A folder that `prepare video` filled (hours of detection) is not rebuilt as PETS09 unless asked."""
+    video, tracks = synthetic_video
+    out = tmp_path / "mine"
+    (out / "train" / "cam-00001").mkdir(parents=True)
+    (out / "train" / "cam-00001" / "000001.jpg").write_bytes(b"my crop")
+    (out / "manifest.json").write_text(json.dumps({"format": "reid_ssl.video-bags", "digest": "0123"}))
+    with pytest.raises(AlreadyExistsError, match="--overwrite"):
+        build_pets09(video, out, tracks)
+    assert (out / "train" / "cam-00001" / "000001.jpg").read_bytes() == b"my crop"
+    assert build_pets09(video, out, tracks, overwrite=True)["counts"]["tracks"] == 6
 
 
 def test_build_pets09_fails_cleanly(tmp_path: Path, synthetic_video: tuple[Path, list[TrackBox]]) -> None:
