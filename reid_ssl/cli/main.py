@@ -69,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
 
 
+# OSErrors that mean a path given on the command line is wrong (a file where a folder is needed, an existing
+# file, a missing folder): user input, exit code 2, like ReidSslError.
+PATH_ERRORS = (FileExistsError, IsADirectoryError, NotADirectoryError, FileNotFoundError)
+
+
 def _run(args: argparse.Namespace) -> int:
     """The handler's exit code, with every exception turned into one line and an exit code (see the module)."""
     debug = bool(os.environ.get("REID_SSL_DEBUG"))
@@ -83,6 +88,9 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(e, ReidSslError):  # bad input: a path, a layout, a value; the message says how to fix it
             print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
             return e.exit_code
+        if isinstance(e, PATH_ERRORS):  # a path the user gave is of the wrong kind or missing: bad input
+            print(f"reid_ssl {args.command}: error: {one_line(e)} (check the path given)", file=sys.stderr)
+            return 2
         if isinstance(e, OSError):  # the environment refused: full disk, permissions, a device
             print(f"reid_ssl {args.command}: error: {one_line(e)}", file=sys.stderr)
             return 1

@@ -115,3 +115,22 @@ def test_resume_followed_by_an_override_reads_it_as_an_override(capsys) -> None:
     assert main(["train", "--resume", "train.epochs=60", "optim.lr=0.05", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 60" in out and "lr: 0.05" in out
+
+
+def test_a_wrong_kind_of_path_is_a_usage_error_and_a_full_disk_is_not(capsys, tmp_path) -> None:
+    """`--out FILE` where a folder is needed (or an existing file) is the user's to fix: exit 2, path named."""
+    import argparse
+    import errno
+
+    from reid_ssl.cli.main import _run
+
+    def raising(exc: Exception):
+        def handler(_: argparse.Namespace) -> int:
+            raise exc
+
+        return argparse.Namespace(command="eval", handler=handler)
+
+    assert _run(raising(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "out")))) == 2
+    assert str(tmp_path / "out") in capsys.readouterr().err
+    assert _run(raising(NotADirectoryError(errno.ENOTDIR, "Not a directory", "x.pt/.work"))) == 2
+    assert _run(raising(OSError(errno.ENOSPC, "No space left on device"))) == 1  # the machine's, not the input's
