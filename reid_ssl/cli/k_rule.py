@@ -35,13 +35,15 @@ def run(args: argparse.Namespace) -> int:
             "computed whatever its size)"
         )
     n, c = args.negatives, args.classes
-    table = [{"k": k, "p_true_negative": prob_rank_k_true_negative(n, c, k)} for k in range(1, args.max_k + 1)]
+    table = [{"k": k, "p_true_negative": prob_rank_k_true_negative(n, c, k)} for k in range(1, min(args.max_k, n) + 1)]
+    k = smallest_safe_k(n, c, args.confidence)
+    reached = prob_rank_k_true_negative(n, c, k) >= args.confidence
     result = {
         "negatives": n,
         "classes": c,
         "expected_false_negatives": n / c,
         "table": table,
-        "smallest_k": smallest_safe_k(n, c, args.confidence),
+        "smallest_k": k if reached else None,  # None: no rank up to the last negative is safe enough
         "confidence": args.confidence,
     }
     if args.json:
@@ -51,5 +53,8 @@ def run(args: argparse.Namespace) -> int:
     print("   k   P(rank-k negative is a true negative)")
     for row in table:
         print(f"{row['k']:>4}   {row['p_true_negative']:.3f}")
-    print(f"smallest k with P >= {args.confidence}: {result['smallest_k']}")
+    if reached:
+        print(f"smallest k with P >= {args.confidence}: {k}")
+    else:
+        print(f"no k up to {n} reaches P >= {args.confidence} (with {c} class(es) most negatives share the anchor's)")
     return 0

@@ -3,6 +3,7 @@ no traceback), and a refused command creates nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,12 @@ def test_a_wrong_kind_of_path_is_a_usage_error_and_a_full_disk_is_not(capsys, tm
     assert str(tmp_path / "out") in capsys.readouterr().err
     assert _run(raising(NotADirectoryError(errno.ENOTDIR, "Not a directory", "x.pt/.work"))) == 2
     assert _run(raising(OSError(errno.ENOSPC, "No space left on device"))) == 1  # the machine's, not the input's
+
+
+def test_k_rule_says_when_no_rank_is_safe(capsys) -> None:
+    from reid_ssl.cli import main
+
+    assert main(["k-rule", "--negatives", "63", "--classes", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["smallest_k"] is None
+    assert main(["k-rule", "--negatives", "63", "--classes", "1"]) == 0
+    assert "no k up to 63 reaches" in capsys.readouterr().out
