@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from reid_ssl.cli.common import DEFAULT_INDEX, add_parser, positive_int
-from reid_ssl.errors import MissingFileError
+from reid_ssl.errors import InputError, MissingFileError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         )
         raise MissingFileError(f"no gallery index at {index_dir}; build it first: {hint}")
 
+    _check_port_free(args.host, args.port)
     import torch
 
     from reid_ssl.app.serve import launch
@@ -82,3 +83,23 @@ def run(args: argparse.Namespace) -> int:
     )
     launch(demo, args.host, args.port, auth=auth, limits=limits, quiet=True)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse before anything loads when ``host:port`` is taken (Gradio's own message names its internals).
+
+    Raises:
+        InputError: the address is in use; the message names ``--port``.
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}): another program uses it; choose a free one "
+                "with --port"
+            ) from None

@@ -144,3 +144,18 @@ def test_k_rule_says_when_no_rank_is_safe(capsys) -> None:
     assert json.loads(capsys.readouterr().out)["smallest_k"] is None
     assert main(["k-rule", "--negatives", "63", "--classes", "1"]) == 0
     assert "no k up to 63 reaches" in capsys.readouterr().out
+
+
+def test_app_on_a_port_in_use_is_refused_before_it_claims_to_serve() -> None:
+    import socket
+
+    from reid_ssl.cli.app import _check_port_free
+    from reid_ssl.errors import InputError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InputError, match=rf"127\.0\.0\.1:{port}.*--port"):
+            _check_port_free("127.0.0.1", port)
+    _check_port_free("127.0.0.1", port)  # free again
