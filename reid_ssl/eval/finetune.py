@@ -155,7 +155,9 @@ def _readable_train(dataset: str, split: Any, opt: FinetuneSettings) -> list[tup
     """Drop unreadable train images from ``split`` (returned); refuse splits too small for one batch."""
     if not split.train:
         raise DatasetLayoutError(
-            f"{dataset}: no train list under {split.root} (SYSU-30k's test set cannot be fine-tuned on)"
+            f"{dataset}: {split.root} has no labelled train split to fine-tune on (validation splits such as "
+            "pets09-val and video-val, and SYSU-30k's test set, have none): use the dataset's main split, e.g. "
+            f"--dataset {dataset.removesuffix('-val')}"
         )
     good, bad = check_images(Path(p) for p, _, _ in split.train)
     readable = {str(p) for p in good}
