@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from reid_ssl.cli.common import (
@@ -16,6 +17,9 @@ from reid_ssl.cli.common import (
     wrap,
 )
 from reid_ssl.console import setup_logging, show_progress
+
+# A test or validation split with fewer tracklets (pseudo-identities) than this is warned about.
+MIN_SPLIT_TRACKLETS = 5
 
 DESCRIPTION = """\
 pets09: find vtest.avi (or fetch it from Debian's opencv-doc package with --fetch), crop the committed person
@@ -161,6 +165,14 @@ def run_video(args: argparse.Namespace) -> int:
     )
     progress = show_progress(json=args.json)
     manifest = prepare_video(args.inputs, args.out, args.camera, options, overwrite=args.overwrite, progress=progress)
+    split = manifest.get("split") or {}
+    small = {k: split[k] for k in ("test_tracklets", "val_tracklets") if k in split and split[k] < MIN_SPLIT_TRACKLETS}
+    if small:
+        print(
+            f"WARNING: {', '.join(f'{k} {v}' for k, v in small.items())}: splits this small give rank-1/mAP that say "
+            "little (with one identity every ranking scores 100%); use longer footage or more cameras",
+            file=sys.stderr,
+        )
     _report(
         manifest, f"tracklet bags ready in {args.out} (train with data.source=video data.root={args.out})", args.json
     )

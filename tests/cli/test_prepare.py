@@ -36,3 +36,14 @@ def test_prepare_video_cli(tmp_path: Path, capsys, colour_detector) -> None:  # 
     assert "--weights" in capsys.readouterr().err
     assert main(["prepare", "video", str(video), "--out", str(tmp_path / "o4"), "--camera", "a", "b"]) == 2
     assert "--camera was given 2 times for 1 inputs" in capsys.readouterr().err
+
+
+def test_prepare_video_warns_about_splits_too_small_to_score(tmp_path: Path, capsys, colour_detector) -> None:  # noqa: F811
+    """A few people in a short clip give test/validation splits of one or two pseudo-identities."""
+    video = write_video(tmp_path / "hall.avi", 50)
+    argv = ["prepare", "video", str(video), "--out", str(tmp_path / "o"), "--detector", "colour"]
+    assert main([*argv, "--min-height", "20", "--split", "--json"]) == 0
+    captured = capsys.readouterr()
+    split = json.loads(captured.out)["split"]
+    assert min(split["test_tracklets"], split["val_tracklets"]) < 5  # the generated clip has a handful of people
+    assert "WARNING" in captured.err and "say little" in captured.err
