@@ -247,7 +247,7 @@ def test_calibration_smoke(smoke):
 @pytest.mark.skipif(not (REPO / "data" / "vtest.avi").is_file(), reason="data/vtest.avi not fetched (make data)")
 def test_own_footage_smoke(smoke):
     r = result_of(smoke, "own_footage")
-    assert set(r["commands_seconds"]) == {"prepare", "train", "eval video-val", "eval video", "index", "app_ready"}
+    assert {"prepare", "train", "eval video", "index", "app_ready"} <= set(r["commands_seconds"])
     split = r["counts"]["split"]
     assert split["train_tracklets"] > 0 and split["query"] > 0 and split["gallery"] > 0
     assert r["index"]["n_indexed"] == split["gallery"] and r["train"]["steps"] == 2
