@@ -154,11 +154,12 @@ def _settings_record(
 def _readable_train(dataset: str, split: Any, opt: FinetuneSettings) -> list[tuple[Path, str]]:
     """Drop unreadable train images from ``split`` (returned); refuse splits too small for one batch."""
     if not split.train:
-        raise DatasetLayoutError(
-            f"{dataset}: {split.root} has no labelled train split to fine-tune on (validation splits such as "
-            "pets09-val and video-val, and SYSU-30k's test set, have none): use the dataset's main split, e.g. "
-            f"--dataset {dataset.removesuffix('-val')}"
+        fix = (
+            f"fine-tune on --dataset {dataset.removesuffix('-val')} (the validation split has no train list)"
+            if dataset.endswith("-val")
+            else "add the labelled train folder (e.g. bounding_box_train/); SYSU-30k's test set has none"
         )
+        raise DatasetLayoutError(f"{dataset}: no train list under {split.root}: {fix}")
     good, bad = check_images(Path(p) for p, _, _ in split.train)
     readable = {str(p) for p in good}
     split.train = [item for item in split.train if item[0] in readable]

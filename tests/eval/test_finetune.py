@@ -75,3 +75,13 @@ def test_finetune_on_the_real_pets09_split_through_torchreid(tmp_path, checkpoin
     assert res["num_train_images"] == split["train"]
     assert res["skipped_train_images"] == [] and math.isfinite(res["history"][0]["loss_t"])
     assert load_checkpoint(out)["backbone"]["sha256"] != load_checkpoint(checkpoint)["backbone"]["sha256"]
+
+
+@pytest.mark.skipif(not (PETS09_ROOT / "market_val" / "query").is_dir(), reason="PETS09 crops not built (make data)")
+def test_finetune_on_a_validation_split_names_the_split_to_use(tmp_path, checkpoint) -> None:
+    from reid_ssl.errors import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match=r"no train list .*--dataset pets09 "):
+        finetune(
+            checkpoint, "pets09-val", PETS09_ROOT, loss="triplet", batch_size=16, max_steps=1, out=tmp_path / "c.pt"
+        )
