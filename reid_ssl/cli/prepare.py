@@ -18,9 +18,6 @@ from reid_ssl.cli.common import (
 )
 from reid_ssl.console import setup_logging, show_progress
 
-# A test or validation split with fewer tracklets (pseudo-identities) than this is warned about.
-MIN_SPLIT_TRACKLETS = 5
-
 DESCRIPTION = """\
 pets09: find vtest.avi (or fetch it from Debian's opencv-doc package with --fetch), crop the committed person
   tracks into training bags (train/<tracklet>/), a test split (market/) and a validation split (market_val/).
@@ -165,8 +162,14 @@ def run_video(args: argparse.Namespace) -> int:
     )
     progress = show_progress(json=args.json)
     manifest = prepare_video(args.inputs, args.out, args.camera, options, overwrite=args.overwrite, progress=progress)
+    from reid_ssl.eval.reid import MIN_QUERY_IDENTITIES  # the bound eval warns at, one home
+
     split = manifest.get("split") or {}
-    small = {k: split[k] for k in ("test_tracklets", "val_tracklets") if k in split and split[k] < MIN_SPLIT_TRACKLETS}
+    small = {
+        k: v
+        for k in ("test_tracklets", "val_tracklets")
+        if (v := split.get(k, MIN_QUERY_IDENTITIES)) < MIN_QUERY_IDENTITIES
+    }
     if small:
         print(
             f"WARNING: {', '.join(f'{k} {v}' for k, v in small.items())}: splits this small give rank-1/mAP that say "
