@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 K = 10
 GB = 1024**3
 SECTIONS = ("small", "large", "ondisk", "hnsw")
+LARGE_TYPES = ("flat", "ivf-flat", "ivf-pq", "ivf-opq")
 HNSW_LINKS = 32  # the library's HNSW32
 
 
@@ -394,13 +395,23 @@ def train_study(data: Data, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def section_large(args: argparse.Namespace, work: Path | None, progress: Callable[[dict], None]) -> dict:
-    """1M: Flat, IVF-Flat, IVF-PQ and OPQ through GalleryIndex; the IVF-Flat is saved for ``ondisk``."""
+def section_large(
+    args: argparse.Namespace, work: Path | None, progress: Callable[[dict], None], kept: dict | None = None
+) -> dict:
+    """1M: Flat, IVF-Flat, IVF-PQ and OPQ through GalleryIndex; the IVF-Flat is saved for ``ondisk``.
+
+    ``--types`` measures some of them; ``kept`` (the previous JSON's large section, same size) keeps the others'
+    entries, each with its own date and load average.
+    """
     n, dim = args.n, args.dim
     data = large_data(args)
     body: dict[str, Any] = {"n": n, "dim": dim, "data": data.seconds, "types": [], "saved": None}
-    for name in ("flat", "ivf-flat", "ivf-pq", "ivf-opq"):
+    if kept and (kept.get("n"), kept.get("dim")) == (n, dim):
+        body["types"] = [e for e in kept.get("types", []) if e["type"] not in args.types]
+        body["saved"] = kept.get("saved") if "ivf-flat" not in args.types else None
+    for name in [t for t in LARGE_TYPES if t in args.types]:
         idx, entry = build(data, name, on_disk=name == "ivf-flat")
+        entry["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         log(f"  built {entry['type']} in {entry['build_s']} s (train {entry['train_s']} s, add {entry['add_s']} s)")
         spec = idx.spec
         sweep = [{}]
@@ -410,7 +421,7 @@ def section_large(args: argparse.Namespace, work: Path | None, progress: Callabl
                 depths = sorted({8, 32} - {spec.rerank})
                 sweep += [{"nprobe": p, "rerank": r} for r in depths for p in (32, 128, 256)]
         entry["settings"] = measure(idx, data, sweep, args)
-        body["types"].append(entry)
+        body["types"] = sorted([*body["types"], entry], key=lambda e: LARGE_TYPES.index(e["type"]))
         show(entry)
         if name == "ivf-flat" and work is not None:
             body["saved"] = save_for_serving(idx, data, work)
@@ -687,6 +698,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="FAISS threads for builds and batches (OMP_NUM_THREADS)")
     p.add_argument("--batch-threads", type=int, default=2, help="threads of the extra batch-throughput run")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument(
+        "--types",
+        default=",".join(LARGE_TYPES),
+        help=f"the large section's index types (comma list of {', '.join(LARGE_TYPES)}); the JSON keeps the others'",
+    )
     p.add_argument("--work-dir", help="where the ondisk section saves its 1M index (default: a temp dir, removed)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds (CI)")
     p.add_argument("--out", help="JSON (default benchmarks/results/bench_index_scale.json; none with --smoke)")
@@ -694,6 +710,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-cache", choices=("cold", "warm"), default="warm", help=argparse.SUPPRESS)
     p.add_argument("--serve-prefetch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.types = [t for t in args.types.split(",") if t]
+    if set(args.types) - set(LARGE_TYPES):
+        p.error(f"unknown --types {sorted(set(args.types) - set(LARGE_TYPES))}; choose from {', '.join(LARGE_TYPES)}")
     if args.smoke:
         args.n, args.small_n, args.dim, args.queries, args.reps, args.rounds = 4000, 3000, 32, 20, 20, 2
     return args
@@ -722,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     result["sections"] = dict(previous.get("sections") or {})
     with contextlib.ExitStack() as stack:
         work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if "ondisk" in sections and "large" in sections and "ivf-flat" not in args.types:
+            raise SystemExit("the ondisk section serves the large section's IVF-Flat: add ivf-flat to --types")
         for name in sections:
             if name == "ondisk" and "large" not in sections and not (work / "disk" / "CURRENT").is_file():
                 raise SystemExit(
@@ -743,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "small":
                 progress(section_small(args, progress))
             elif name == "large":
-                progress(section_large(args, work if "ondisk" in sections else None, progress))
+                kept = (previous.get("sections") or {}).get("large")
+                progress(section_large(args, work if "ondisk" in sections else None, progress, kept))
             elif name == "hnsw":
                 progress(section_hnsw(args))
             else:
