@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from reid_ssl.errors import ConfigError
-from reid_ssl.overrides import apply_overrides, parse_overrides, read_yaml
+from reid_ssl.overrides import apply_overrides, apply_yaml, parse_overrides, read_yaml
 
 __all__ = ["Config", "ConfigError", "from_dict", "load_config", "parse_overrides", "to_dict", "to_yaml", "validate"]
 
@@ -273,7 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML file (if any) <- ``key=value`` overrides, then validated."""
     cfg = Config()
     if path:
-        cfg = apply_overrides(cfg, read_yaml(Path(path)))
+        cfg = apply_yaml(cfg, Path(path))
     if overrides:
         cfg = apply_overrides(cfg, parse_overrides(overrides))
     return validate(cfg)

@@ -109,10 +109,44 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first_line[key]})", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
+    """A YAML config file as nested dicts.
+
+    Raises:
+        MissingFileError: no such file. ConfigError: not valid YAML, or a key given twice in one mapping (the file
+        and line named).
+    """
     if not path.is_file():
         raise MissingFileError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        with path.open(encoding="utf-8") as f:  # a stream: YAML's messages then name the file
+            return yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start}): save it as UTF-8") from None
+
+
+def apply_yaml(obj: Any, path: Path) -> Any:
+    """``obj`` with the YAML file at ``path`` applied (:func:`apply_overrides`); errors name the file."""
+    try:
+        return apply_overrides(obj, read_yaml(path))
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from None

@@ -106,3 +106,29 @@ def test_missing_and_malformed_files(tmp_path):
     notmap.write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(notmap)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("optim:\n  learning_rate: 0.1\n", "unknown config key 'optim.learning_rate'"),
+        ("train:\n  epochs: three\n", "train.epochs expects an integer"),
+        ("optim: 3\n", "must be a mapping"),
+        ("train:\n  epochs: 3\n  epochs: 5\n", r"key 'epochs' appears twice \(first on line 2\).*line 3"),
+        ("train:\n  epochs: 3\ntrain:\n  seed: 1\n", "key 'train' appears twice"),
+    ],
+)
+def test_errors_in_a_config_file_name_the_file(tmp_path, text, message):
+    """A YAML file's key and value errors name the file; a key given twice is an error, not "the last wins"."""
+    f = tmp_path / "mine.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(f)
+    assert str(f) in str(err.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("train:\n  out_dir: r\xe9sultats\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not a UTF-8 text file.*save it as UTF-8"):
+        load_config(f)
