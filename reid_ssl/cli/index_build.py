@@ -117,5 +117,7 @@ def _print_build(result: dict[str, Any], world: int) -> None:
         ("seconds", result["seconds"]),
     ]
     print_table(rows, title="index built")
+    if result.get("note"):
+        print(f"note: {result['note']}")
     print_problems(result["failures"], "unreadable: ")
     print_problems(result["skipped"], "skipped: ")

@@ -31,6 +31,7 @@ from reid_ssl.index.gallery import GalleryIndex
 from reid_ssl.index.manifest import embedder_info
 from reid_ssl.index.sidecar import GalleryItem
 from reid_ssl.index.sources import GallerySource
+from reid_ssl.index.types import AUTO, INDEX_TYPES
 
 if TYPE_CHECKING:
     from reid_ssl.embedder import Embedder
@@ -209,7 +210,17 @@ def _calibrate_for_build(
 def _summary(
     idx: GalleryIndex, source: GallerySource, out: Path, failures: list[tuple[str, str]], n_chunks: int, **extra: Any
 ) -> dict[str, Any]:
-    """Rank 0's result: counts, the first failures and skipped files, chunks, the index type, the threshold."""
+    """Rank 0's result: counts, the first failures and skipped files, chunks, the index type, the threshold, and a
+    ``note`` when the requested type could not be built yet (too few vectors to train it)."""
+    ix = idx.manifest["index"]
+    note = None
+    if ix["requested"] not in (AUTO, ix["type"]) and not ix["factory_override"]:
+        need = INDEX_TYPES[ix["requested"]].min_train
+        note = (
+            f"{ix['requested']} needs at least {need:,} images to train; this gallery has {idx.ntotal:,}, so the "
+            f"index stays exact ({ix['type']}) until an `index add` brings it to {need:,}, which rebuilds it as "
+            f"{ix['requested']}"
+        )
     return {
         "out": str(out),
         "n_images": len(source.items),
@@ -220,8 +231,10 @@ def _summary(
         "n_skipped": len(source.skipped),
         "chunks": n_chunks,
         **extra,
-        "index_type": idx.manifest["index"]["type"],
-        "factory": idx.manifest["index"]["factory"],
+        "index_type": ix["type"],
+        "requested_type": ix["requested"],
+        "note": note,
+        "factory": ix["factory"],
         "lists_on_disk": idx.lists_on_disk,
         "threshold": idx.threshold,
     }

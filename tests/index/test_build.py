@@ -189,3 +189,26 @@ def test_an_index_type_or_factory_that_cannot_work_is_refused_before_embedding(t
     with pytest.raises(InputError, match="factory string"):
         build_index(embedder, gallery_source(image_folder), tmp_path / "b", BuildOptions(factory="IVF,Nope"))
     assert calls == [] and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_type_too_big_for_the_gallery_is_built_exact_and_says_so(tmp_path, checkpoint, image_folder):
+    """``--type ivf-pq`` on a handful of images cannot train: the index is exact, and the result (text and JSON)
+    says which type was asked for, which was built and when it will become the asked one."""
+    res = build_index(
+        load_embedder(checkpoint, device="cpu"),
+        gallery_source(image_folder),
+        tmp_path / "idx",
+        BuildOptions(index_type="ivf-pq", calibrate=False),
+    )
+    assert res["index_type"] == "flat" and res["requested_type"] == "ivf-pq"
+    assert "ivf-pq needs at least 1,000 images" in res["note"] and "index add" in res["note"]
+    proc = run_cli_process(
+        "index", "build", "--checkpoint", str(checkpoint), "--images", str(image_folder),
+        "--out", str(tmp_path / "cli"), "--type", "ivf-pq", "--no-calibrate",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "note: ivf-pq needs at least" in proc.stdout
+    auto = build_index(
+        load_embedder(checkpoint, device="cpu"), gallery_source(image_folder), tmp_path / "auto", BuildOptions()
+    )
+    assert auto["note"] is None
