@@ -7,6 +7,7 @@ change. ``add`` embeds without holding the lock (the app may be adding too) and 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from reid_ssl.cli.common import DEFAULT_INDEX, batch_size, print_json, print_problems, print_table
@@ -86,7 +87,17 @@ def run_add(args: argparse.Namespace) -> int:
         rows = [("index", display_path(args.index)), ("added", len(ids)), ("unreadable", len(failures))]
         print_table([*rows, ("skipped", len(skipped)), ("items now", ntotal)], title="index add")
         print_problems(failures + skipped)
-    return 1 if failures and not len(ids) else 0
+    return _add_status(len(ids), failures, skipped, args.paths)
+
+
+def _add_status(added: int, failures: list, skipped: list, paths: list[str]) -> int:
+    """0 when something was added or everything given is already in the index; else 1 with the reason on stderr
+    (nothing readable: no image files, only unreadable ones, or empty folders)."""
+    if added or any(reason == "already indexed" for _, reason in skipped):
+        return 0
+    why = "only unreadable images" if failures else "no image files" if skipped else "no images (empty folders?)"
+    print(f"reid_ssl index add: nothing added: {', '.join(paths)} held {why} (listed above)", file=sys.stderr)
+    return 1
 
 
 def run_remove(args: argparse.Namespace) -> int:

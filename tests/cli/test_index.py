@@ -60,6 +60,15 @@ def test_cli_build_info_search_add_remove(tmp_path, built, capsys):
     assert added["added"] == 1 and added["ids"] == [36] and added["ntotal"] == 37
     assert cli.main(["index", "add", str(new), "--index", out, "--json"]) == 0  # same path again: skipped
     assert json.loads(capsys.readouterr().out)["added"] == 0
+    # nothing that could be added: a text file, a corrupt JPEG, an empty folder -> exit 1 and the reason
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (tmp_path / "empty").mkdir()
+    for path, why in [("notes.txt", "no image files"), ("broken.jpg", "only unreadable"), ("empty", "no images")]:
+        assert cli.main(["index", "add", str(tmp_path / path), "--index", out, "--json"]) == 1
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["added"] == 0 and f"nothing added: {tmp_path / path} held {why}" in captured.err
+    assert GalleryIndex.load(out).ntotal == 37
 
     assert cli.main(["index", "remove", "--index", out, "--path-prefix", str(new.parent), "--ids", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["removed"] == 2
