@@ -81,6 +81,12 @@ class FrameSource:
             raise InputError(f"the time range must have 0 <= start < end, got {start_s}..{end_s}")
         step = max(1, round(self.fps / fps)) if fps else 1
         start = round(start_s * self.fps)
+        if self.frame_count and start >= self.frame_count:
+            length = self.frame_count / self.fps
+            raise InputError(
+                f"{self.path}: --start {start_s:g} s is past its end ({self.frame_count} frames, {length:.1f} s at "
+                f"{self.fps:g} fps); give a start below {length:.1f}"
+            )
         end = round(end_s * self.fps) if end_s is not None else (self.frame_count or 1 << 40)
         return FrameSelection(start, end, step)
 

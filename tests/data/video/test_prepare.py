@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from reid_ssl.config import DataConfig
 from reid_ssl.data.datasets import build_source, load_split
 from reid_ssl.data.video.prepare import VideoOptions, prepare_video
-from reid_ssl.errors import AlreadyExistsError, VideoError
+from reid_ssl.errors import AlreadyExistsError, InputError, VideoError
 from tests.data.video.conftest import PEOPLE, identity_of, write_frames, write_video
 
 OPTIONS = VideoOptions(detector="colour", min_height=20)
@@ -115,3 +116,15 @@ def test_a_different_output_is_never_overwritten_silently(tmp_path: Path, colour
         [video], tmp_path / "out", options=VideoOptions(detector="colour", min_height=20, fps=5), overwrite=True
     )
     assert again["options"]["fps"] == 5
+
+
+@pytest.mark.parametrize("source", ["video", "frames"])
+def test_a_start_past_the_end_names_the_file_and_its_length(tmp_path: Path, colour_detector, source: str) -> None:
+    """``--start`` beyond the footage is a clear error (file, length, fix), not "no person tracklet found"."""
+    path = write_video(tmp_path / "clip.avi", 30) if source == "video" else write_frames(tmp_path / "frames", 30)
+    options = dataclasses.replace(OPTIONS, start_s=60.0)
+    with pytest.raises(
+        InputError, match=r"--start 60 s is past its end \(30 frames, [0-9.]+ s at [0-9]+ fps\); give a start below"
+    ) as err:
+        prepare_video([path], tmp_path / "out", options=options)
+    assert path.name in str(err.value) and not (tmp_path / "out").exists()
