@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -39,24 +40,46 @@ def open_rgb(source: str | Path | Image.Image) -> Image.Image:
         return to_rgb(source)
     path = Path(source)
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file")
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot decode ({e})") from None
+    if empty:
+        raise ImageError(f"{path}: empty file")
+    return _decode(path, str(path))
+
+
+def decode_bytes(data: bytes, name: str) -> Image.Image:
+    """:func:`open_rgb` for an image's bytes (a shard sample, an upload): the same checks and errors, which name
+    ``name``.
+
+    Raises:
+        ImageError: as :func:`open_rgb`.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those images too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()  # decode now: truncated files fail here, not later in a worker
-                return to_rgb(im, str(path))
+                return to_rgb(im, name)
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file") from None
+        raise ImageError(f"{name}: not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused, too many pixels ({e})") from None
+        raise ImageError(f"{name}: refused, too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot decode ({e})") from None
+        raise ImageError(f"{name}: cannot decode ({e})") from None
 
 
 def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:

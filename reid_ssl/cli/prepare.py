@@ -17,6 +17,7 @@ from reid_ssl.cli.common import (
     wrap,
 )
 from reid_ssl.console import setup_logging, show_progress
+from reid_ssl.index.sidecar import display_path
 
 DESCRIPTION = """\
 pets09: find vtest.avi (or fetch it from Debian's opencv-doc package with --fetch), crop the committed person
@@ -125,6 +126,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="images per shard (default 2000); a bag is never split, so shards end at the next bag boundary",
     )  # fmt: skip
     s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    s.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="copy each image's bytes without decoding it (faster for a corpus known to be clean); by default every "
+        "image is decoded while packing and truncated or corrupt ones are left out and listed in the manifest",
+    )
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
     s.set_defaults(handler=run_shards)
 
@@ -197,7 +204,7 @@ def run_shards(args: argparse.Namespace) -> int:
     with tqdm(total=len(items), unit="img", desc="shards", disable=not show_progress(json=args.json)) as bar:
         manifest = write_shards(
             items, args.out, array=source_array(data), samples_per_shard=args.samples_per_shard,
-            source=source, overwrite=args.overwrite, progress=bar.update,
+            source=source, overwrite=args.overwrite, verify=not args.no_verify, progress=bar.update,
         )  # fmt: skip
     if args.json:
         print_json(manifest)
@@ -205,6 +212,8 @@ def run_shards(args: argparse.Namespace) -> int:
     rows = [("images", manifest["samples"]), ("bags", manifest["bags"]), ("shards", len(manifest["shards"]))]
     rows += [("unreadable (skipped)", manifest["num_unreadable"]), ("seconds", manifest["seconds"])]
     print_table(rows, f"shards ready in {args.out} (train with data.source=shards data.root={args.out})")
+    for line in manifest["unreadable"][:10]:
+        print(f"  skipped: {display_path(line)}", file=sys.stderr)
     return 0
 
 

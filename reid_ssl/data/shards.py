@@ -35,7 +35,7 @@ from reid_ssl.data.image_list import ImageList
 from reid_ssl.data.ssl_sources import bag_stats
 from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, ImageError, MissingFileError
 from reid_ssl.fileio import sha256_file, write_json
-from reid_ssl.images import open_rgb
+from reid_ssl.images import decode_bytes
 
 FORMAT = "reid_ssl.shards"
 MANIFEST = "manifest.json"
@@ -54,6 +54,7 @@ def write_shards(
     samples_per_shard: int = 2000,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
+    verify: bool = True,
     progress: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """Pack ``items`` into tar shards under ``out`` (module docstring); returns the manifest.
@@ -62,6 +63,8 @@ def write_shards(
         array: the in-memory images when ``items.in_memory`` (Fashion-MNIST), stored as PNG.
         samples_per_shard: a shard is closed at the first bag boundary after this many samples.
         source: what the images are (recorded in the manifest).
+        verify: decode every image while packing (with the training decoder), so that truncated or corrupt files
+            are listed in the manifest's ``unreadable`` and left out; without it only unreadable files are.
 
     Raises:
         AlreadyExistsError: ``out`` holds shards (pass ``overwrite``). OSError: a write failed (nothing published).
@@ -84,7 +87,7 @@ def write_shards(
             written = 0
             with wds.TarWriter(str(tmp / name)) as sink:
                 for i in members:
-                    ext, data = _sample_bytes(items, int(i), array, unreadable)
+                    ext, data = _sample_bytes(items, int(i), array, unreadable, verify)
                     if data is None:
                         continue
                     written += 1
@@ -106,6 +109,7 @@ def write_shards(
             "source": source or {},
             "unreadable": unreadable[:100],
             "num_unreadable": len(unreadable),
+            "verified": verify,
             "seconds": round(time.perf_counter() - t0, 2),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -145,9 +149,10 @@ def _rel(items: ImageList, i: int) -> str:
 
 
 def _sample_bytes(
-    items: ImageList, i: int, array: np.ndarray | None, unreadable: list[str]
+    items: ImageList, i: int, array: np.ndarray | None, unreadable: list[str], verify: bool
 ) -> tuple[str, bytes | None]:
-    """The image's original bytes and extension (in-memory rows as PNG); unreadable files are listed, skipped."""
+    """The image's original bytes and extension (in-memory rows as PNG); unreadable files (and, with ``verify``,
+    files that do not decode completely) are listed and skipped."""
     if items.in_memory:
         assert array is not None, "in-memory items need their array"
         buf = io.BytesIO()
@@ -157,8 +162,13 @@ def _sample_bytes(
     assert path is not None
     try:
         data = path.read_bytes()
+        if verify:
+            decode_bytes(data, str(path))
     except OSError as e:
         unreadable.append(f"{path}: {e.strerror or e}")
+        return "", None
+    except ImageError as e:
+        unreadable.append(str(e))
         return "", None
     ext = path.suffix.lower().lstrip(".") or "jpg"
     return ("jpg" if ext == "jpeg" else ext), data
@@ -292,14 +302,14 @@ class ShardStream(IterableDataset):
     @staticmethod
     def _decode(record: dict[str, Any], shard: str, reasons: list[str]) -> Image.Image | None:
         key = next((k for k in record if k not in ("json", "__key__", "__url__", "__local_path__")), None)
+        name = f"{shard}/{record.get('__key__')}"
+        if key is None:
+            reasons.append(f"{name}: no image in the sample")
+            return None
         try:
-            if key is None:
-                raise ImageError("no image in the sample")
-            with Image.open(io.BytesIO(record[key])) as im:
-                im.load()
-                return open_rgb(im)
-        except (OSError, ValueError, ImageError) as e:
-            reasons.append(f"{shard}/{record.get('__key__')}: {e}")
+            return decode_bytes(record[key], name)
+        except ImageError as e:
+            reasons.append(str(e))
             return None
 
 

@@ -94,21 +94,41 @@ def test_bag_positives_come_from_the_same_bag(tmp_path: Path) -> None:
         assert torch.equal(a.mean((1, 2)), b.mean((1, 2)))
 
 
-def test_unreadable_images_are_listed_and_left_out(bags: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def damaged(bags: Path, tmp_path: Path):
+    """A copy of ``bags`` listed, then damaged: one file deleted, one not a JPEG, one JPEG cut in half."""
     src = tmp_path / "src"
     for path in bags.rglob("*.jpg"):
         (src / path.relative_to(bags)).parent.mkdir(parents=True, exist_ok=True)
         (src / path.relative_to(bags)).write_bytes(path.read_bytes())
     (src / "cam-00000" / "000001.jpg").write_bytes(b"not a jpeg")
+    cut = src / "cam-00002" / "000200.jpg"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # decodes partly: a truncated file
     gone = src / "cam-00001" / "000100.jpg"
     items = scan_folder(src)
     gone.unlink()
-    manifest = write_shards(items, tmp_path / "s", samples_per_shard=10)
-    assert manifest["num_unreadable"] == 1 and "000100.jpg" in manifest["unreadable"][0]
-    assert manifest["samples"] == 59
+    return items
+
+
+def test_unreadable_and_corrupt_images_are_listed_and_left_out(damaged, tmp_path: Path) -> None:
+    """Packing decodes every image with the training decoder: missing, non-image and truncated files are named
+    in the manifest and not packed, so training never meets them."""
+    manifest = write_shards(damaged, tmp_path / "s", samples_per_shard=10)
+    assert manifest["num_unreadable"] == 3 and manifest["samples"] == 57 and manifest["verified"] is True
+    reasons = "\n".join(manifest["unreadable"])
+    assert "000100.jpg: No such file" in reasons and "000001.jpg: not an image file" in reasons
+    assert "000200.jpg: cannot decode (Truncated File Read)" in reasons
     out = list(ShardStream(tmp_path / "s", _tensor, _tensor))
-    assert len(out) == 59 and sum(bool(x[2]) for x in out) == 1  # the corrupt JPEG replaced and reported
-    assert "000001" in next(x[2] for x in out if x[2]) or "cannot identify" in next(x[2] for x in out if x[2])
+    assert len(out) == 57 and not any(x[2] for x in out)
+
+
+def test_without_verify_corrupt_images_are_packed_and_replaced_while_training(damaged, tmp_path: Path) -> None:
+    manifest = write_shards(damaged, tmp_path / "s", samples_per_shard=10, verify=False)
+    assert manifest["num_unreadable"] == 1 and manifest["samples"] == 59 and manifest["verified"] is False
+    out = list(ShardStream(tmp_path / "s", _tensor, _tensor))
+    bad = [x[2] for x in out if x[2]]
+    assert len(out) == 59 and len(bad) == 2  # each replaced by a readable image of its shard, and reported
+    assert any("not an image file" in b for b in bad) and any("Truncated File Read" in b for b in bad)
 
 
 def test_nothing_is_overwritten_and_bad_folders_are_named(bags: Path, tmp_path: Path) -> None:
