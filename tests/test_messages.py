@@ -73,3 +73,19 @@ def test_every_suggested_config_key_exists() -> None:
         if f"{section}.{key}" not in keys and key not in FILE_EXTENSIONS
     ]
     assert not unknown, "messages name config keys that do not exist:\n" + "\n".join(unknown)
+
+
+def _undocumented(parser: argparse.ArgumentParser, name: str) -> list[str]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                found += _undocumented(sub, f"{name} {sub_name}")
+        elif action.help is None and not isinstance(action, argparse._HelpAction):
+            found.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    return found
+
+
+def test_every_option_of_every_command_has_a_help_text() -> None:
+    """``--help`` explains every option (hidden internal ones use ``argparse.SUPPRESS``, which is a text)."""
+    assert _undocumented(build_parser(), "reid_ssl") == []

@@ -31,6 +31,26 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, descriptio
     )
 
 
+def add_index_option(p: argparse.ArgumentParser) -> None:
+    """``--index``: the index folder a command reads or changes."""
+    p.add_argument("--index", default=DEFAULT_INDEX, help=f"the index folder (default: {DEFAULT_INDEX})")
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device`` for commands that embed images."""
+    p.add_argument("--device", default="auto", help="where to embed images: auto (CUDA if present), cpu, cuda, cuda:1")
+
+
+def add_batch_size_option(p: argparse.ArgumentParser) -> None:
+    """``--batch-size`` for commands that embed images."""
+    p.add_argument("--batch-size", type=batch_size, default=64, help="images embedded per forward pass (default 64)")
+
+
+def add_json_option(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: print ``what`` as JSON (for scripts) instead of a table."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON instead of a table")
+
+
 def choices_help(names: Iterable[str], default: str | None = None) -> str:
     """``one of: a, b, c (default a)`` for an option whose choices come from a registry."""
     return f"one of: {', '.join(names)}" + (f" (default {default})" if default else "")

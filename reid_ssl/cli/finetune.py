@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="default 5e-4")
     f.add_argument("--num-instances", type=int_in(1, 1024), default=4, help="triplet: images per identity (4)")
     f.add_argument("--margin", type=positive_float, default=0.3, help="triplet margin (default 0.3)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--seed", type=int, default=0, help="seed of the fine-tuning run (sampling, augmentation, head init)"
+    )
     f.add_argument("--out", help="output checkpoint (default <checkpoint dir>/finetune_<dataset>_<loss>/checkpoint.pt)")
     f.add_argument("--no-eval", dest="run_eval", action="store_false", help="skip the eval afterwards")
     f.add_argument("--strips", type=int_in(0, 1000), default=8, help="eval: ranked-result strips (default 8)")

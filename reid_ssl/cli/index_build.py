@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from reid_ssl.cli.common import batch_size, int_in, positive_int, print_json, print_problems, print_table, workers
+from reid_ssl.cli.common import (
+    add_batch_size_option,
+    add_json_option,
+    int_in,
+    positive_int,
+    print_json,
+    print_problems,
+    print_table,
+    workers,
+)
 from reid_ssl.console import show_progress
 from reid_ssl.data.datasets import REID_DATASETS
 from reid_ssl.index.sidecar import display_path
@@ -43,12 +52,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument(
         "--chunk-size", type=int_in(1, 1_000_000), default=512, help="images per resumable chunk (default 512)"
     )
-    b.add_argument("--batch-size", type=batch_size, default=64)
+    add_batch_size_option(b)
     b.add_argument("--workers", type=workers, default=0, help="data loader worker processes, 0..64 (default 0)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     b.add_argument("--no-calibrate", action="store_true", help="skip the 'no match' threshold calibration")
-    b.add_argument("--json", action="store_true")
+    add_json_option(b)
     b.set_defaults(handler=run_build)
 
 

@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reid_ssl.cli.common import DEFAULT_INDEX, int_in, non_negative_int, positive_int, print_json, print_table
+from reid_ssl.cli.common import (
+    add_device_option,
+    add_index_option,
+    add_json_option,
+    int_in,
+    non_negative_int,
+    positive_int,
+    print_json,
+    print_table,
+)
 from reid_ssl.errors import InputError, MissingFileError
 from reid_ssl.index.sidecar import display_path
 
@@ -22,8 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``index search`` and ``index info``."""
     s = sub.add_parser("search", help="find the gallery items most similar to query images")
     s.add_argument("--query", required=True, nargs="+", help="query image file(s)")
-    s.add_argument("--index", default=DEFAULT_INDEX)
-    s.add_argument("-k", type=int_in(1, MAX_K), default=10)
+    add_index_option(s)
+    s.add_argument("-k", type=int_in(1, MAX_K), default=10, help=f"matches per query, 1..{MAX_K} (default 10)")
     s.add_argument(
         "--exclude-camid",
         type=non_negative_int,
@@ -33,13 +42,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--nprobe", type=positive_int, help="IVF lists visited per query (default: the index's)")
     s.add_argument("--ef-search", type=positive_int, help="HNSW candidate list size (default: the index's)")
     s.add_argument("--checkpoint", help="default: the checkpoint that built the index")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--json", action="store_true")
+    add_device_option(s)
+    add_json_option(s)
     s.set_defaults(handler=run_search)
 
     i = sub.add_parser("info", help="size, type, embedder, calibration and statistics of an index")
-    i.add_argument("--index", default=DEFAULT_INDEX)
-    i.add_argument("--json", action="store_true")
+    add_index_option(i)
+    add_json_option(i)
     i.set_defaults(handler=run_info)
 
 

@@ -10,7 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from reid_ssl.cli.common import DEFAULT_INDEX, batch_size, print_json, print_problems, print_table
+from reid_ssl.cli.common import (
+    add_batch_size_option,
+    add_device_option,
+    add_index_option,
+    add_json_option,
+    print_json,
+    print_problems,
+    print_table,
+)
 from reid_ssl.console import show_progress
 from reid_ssl.errors import InputError, MissingFileError
 from reid_ssl.index.sidecar import display_path
@@ -20,27 +28,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``index add``, ``index remove`` and ``index calibrate``."""
     a = sub.add_parser("add", help="embed more images and add them to an index")
     a.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
-    a.add_argument("--index", default=DEFAULT_INDEX)
+    add_index_option(a)
     a.add_argument("--checkpoint", help="default: the checkpoint that built the index")
-    a.add_argument("--batch-size", type=batch_size, default=64)
-    a.add_argument("--device", default="auto")
+    add_batch_size_option(a)
+    add_device_option(a)
     a.add_argument("--allow-duplicates", action="store_true", help="add files whose path is already indexed")
-    a.add_argument("--json", action="store_true")
+    add_json_option(a)
     a.set_defaults(handler=run_add)
 
     r = sub.add_parser("remove", help="remove items by id or by path prefix (ids of the rest never change)")
-    r.add_argument("--index", default=DEFAULT_INDEX)
-    r.add_argument("--ids", type=int, nargs="*", default=[])
+    add_index_option(r)
+    r.add_argument("--ids", type=int, nargs="*", default=[], help="item ids to remove (as search and info print them)")
     r.add_argument("--path-prefix", help="remove every item whose file lies under this path")
-    r.add_argument("--json", action="store_true")
+    add_json_option(r)
     r.set_defaults(handler=run_remove)
 
     c = sub.add_parser("calibrate", help="(re)calibrate the 'no match' threshold from labelled data")
-    c.add_argument("--index", default=DEFAULT_INDEX)
+    add_index_option(c)
     c.add_argument("--queries", help="folder of Market-named query images; default: leave-one-out on the gallery")
     c.add_argument("--checkpoint", help="default: the checkpoint that built the index")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--json", action="store_true")
+    add_device_option(c)
+    add_json_option(c)
     c.set_defaults(handler=run_calibrate)
 
 
