@@ -19,6 +19,7 @@ server goes on serving. gradio is imported when :func:`build_demo` runs, never a
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ from reid_ssl.index import GalleryIndex, describe_calibration
 if TYPE_CHECKING:
     from reid_ssl.data.video.detect import Detector
 
+log = logging.getLogger(__name__)
+
 UPLOAD_SOURCES = ["upload", "clipboard"]  # no webcam: the app never asks for a camera
 INTRO = """# Person re-identification: gallery search
 Upload a crop of one person to find them in the gallery. Scores are cosine similarities of the
@@ -41,7 +44,11 @@ self-supervised embedder's features; below the calibrated threshold the app says
 
 
 def user_errors(fn: Callable[..., Any], duration: float | None = 10) -> Callable[..., Any]:
-    """``fn`` with every :class:`ReidSslError` shown as a ``gr.Error`` toast (``duration=None``: until closed)."""
+    """``fn`` with every :class:`ReidSslError` shown as a ``gr.Error`` toast (``duration=None``: until closed).
+
+    The server's console gets one line per refused request (not Gradio's traceback: it is the user's input, not
+    a fault of the server); other exceptions keep their traceback.
+    """
     gr = offline_gradio()
 
     @functools.wraps(fn)
@@ -49,7 +56,8 @@ def user_errors(fn: Callable[..., Any], duration: float | None = 10) -> Callable
         try:
             return fn(*args)
         except ReidSslError as e:
-            raise gr.Error(one_line(e), duration=duration) from None
+            log.info("refused a request (%s): %s", fn.__name__, one_line(e))
+            raise gr.Error(one_line(e), duration=duration, print_exception=False) from None
 
     return call
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -208,3 +209,20 @@ def test_importing_the_app_runs_nothing():
         timeout=120,
     )
     assert out.returncode == 0 and out.stdout.split() == ["False", "False", "False", "True"], out.stderr
+
+
+def test_a_refused_request_is_one_console_line_not_a_traceback(caplog):
+    """Bad input is the user's, not the server's fault: a toast for the user, one log line for the operator, and
+    no traceback (Gradio prints one for every ``gr.Error`` unless ``print_exception`` is off)."""
+    import gradio as gr
+
+    from reid_ssl.app.ui import user_errors
+    from reid_ssl.errors import InputError
+
+    def search(query):
+        raise InputError("Upload a query first.")
+
+    with caplog.at_level(logging.INFO, logger="reid_ssl.app.ui"), pytest.raises(gr.Error) as err:
+        user_errors(search)(None)
+    assert err.value.print_exception is False and "Upload a query first." in str(err.value)
+    assert [r.getMessage() for r in caplog.records] == ["refused a request (search): Upload a query first."]
