@@ -62,6 +62,8 @@ CANDIDATES: dict[str, list[str]] = {
     "k-auto-1res-short-reid-aug": [*AUTO_1RES, "train.epochs=15", *REID_AUG],
     "k-auto-1res-5ep-reid-aug": [*AUTO_1RES, "train.epochs=5", *REID_AUG],
     "k-auto-1res-lr0.05": [*AUTO_1RES, "optim.lr=0.05"],
+    # added after the choice above: the chosen recipe with tracklet positives (another crop of the same bag)
+    "k-auto-1res-short-bag-reid-aug": [*AUTO_1RES, "train.epochs=15", "data.positives=bag", *REID_AUG],
 }
 TEST_SIZES = ((96, 48), (64, 32))
 METRICS = ("rank1", "rank5", "rank10", "mAP")
