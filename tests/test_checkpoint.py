@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 
-from reid_ssl.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from reid_ssl.checkpoint import (
+    BackgroundSaver,
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
 from reid_ssl.embedder import load_embedder
 from tests.helpers import write_checkpoint
 
@@ -117,3 +123,25 @@ write_checkpoint(__import__("pathlib").Path({str(path)!r}), seed=5)
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == -9
     assert load_checkpoint(path)["backbone"]["name"] == "resnet18"
+
+
+def test_background_saves_hold_the_weights_of_the_moment_they_were_asked(tmp_path, monkeypatch):
+    """Training changes the live tensors right after ``save``: the file must hold the values at ``save`` time,
+    each save waits for the one before, and a failed write is raised at the next wait, keeping the old file."""
+    w = torch.zeros(1000)
+    payload = {"backbone": {"state_dict": {"w": w}}, "preprocess": {}, "config": {}, "step": 1, "t": (w, 2)}
+    saver = BackgroundSaver()
+    saver.save(tmp_path / "c.pt", payload)
+    w.add_(1.0)  # the next optimizer step, while the file is being written
+    saver.wait()
+    first = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert first["backbone"]["state_dict"]["w"].sum() == 0 and first["t"][0].sum() == 0 and first["t"][1] == 2
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    saver.save(tmp_path / "c.pt", {**payload, "step": 2})
+    with pytest.raises(OSError, match="No space"):
+        saver.close()
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 1

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.algorithms import Join
 from tqdm import tqdm
 
-from reid_ssl.checkpoint import preprocess_from_config, save_checkpoint
+from reid_ssl.checkpoint import BackgroundSaver, preprocess_from_config
 from reid_ssl.config import Config, LossConfig, to_dict
 from reid_ssl.data.datasets import resolve_root
 from reid_ssl.distributed import Dist, gather_rows, init_distributed, shutdown
@@ -80,6 +80,7 @@ class _Run:
     last_loss: float = math.nan
     seen: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    saver: BackgroundSaver = field(default_factory=BackgroundSaver)  # checkpoints written while training goes on
 
     def steps_before(self, epoch: int) -> int:
         """Optimizer steps of the epochs before ``epoch`` (capped at the run's total)."""
@@ -92,7 +93,7 @@ class _Run:
                 self.cfg, self.core, self.optimizer, self.scaler, self.step, at_epoch, feed_state, self.history
             )
             payload["world_size"] = self.d.world_size
-            save_checkpoint(self.out_dir / CHECKPOINT_NAME, payload)
+            self.saver.save(self.out_dir / CHECKPOINT_NAME, payload)
 
 
 def train(
@@ -131,16 +132,17 @@ def train(
         disable=not (progress and run.d.main),
         dynamic_ncols=True,
     )
-    while run.step < run.total_steps:
-        _train_epoch(run, bar)
-        _end_of_epoch(run, monitor, bar if progress else None)
+    try:
+        while run.step < run.total_steps:
+            _train_epoch(run, bar)
+            _end_of_epoch(run, monitor, bar if progress else None)
+    finally:  # the last checkpoint on disk (or its error raised) before returning, also after an error
+        run.saver.close()
     bar.close()
     return _summary(run, plan)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Building the run
-# ---------------------------------------------------------------------------------------------------------
+# ----- Building the run -----------------------------------------------------------------------------------
 
 
 def _build(plan: RunPlan) -> _Run:
@@ -238,9 +240,7 @@ def _restore(run: _Run, resumed: dict[str, Any], source: Path | None) -> None:
         log.info("resumed %s at step %d (epoch %d, %s)", source, run.step, run.epoch, run.feed_state)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Epochs and steps
-# ---------------------------------------------------------------------------------------------------------
+# ----- Epochs and steps -----------------------------------------------------------------------------------
 
 
 def _train_epoch(run: _Run, bar: tqdm) -> None:

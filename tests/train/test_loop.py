@@ -190,7 +190,7 @@ def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys, monkeyp
     """Interrupting right after a checkpoint and resuming gives the same weights as one uninterrupted run."""
     import torch
 
-    import reid_ssl.train.loop as train_module
+    from reid_ssl.checkpoint import BackgroundSaver
 
     common = [
         "-c",
@@ -202,16 +202,16 @@ def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys, monkeyp
     ]
     cli_json(capsys, ["train", *common, f"train.out_dir={tmp_path / 'a'}"])
 
-    real_save = train_module.save_checkpoint
+    real_save = BackgroundSaver.save
 
-    def save_then_stop(path, payload):
-        real_save(path, payload)
-        if payload["step"] == 9:
-            raise KeyboardInterrupt  # as if the run were killed right after this checkpoint
+    def save_then_stop(self, path, payload):
+        real_save(self, path, payload)
+        if payload["step"] == 9:  # interrupted while this checkpoint is still being written in the background:
+            raise KeyboardInterrupt  # the loop waits for it before leaving
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(BackgroundSaver, "save", save_then_stop)
     assert main(["train", *common, f"train.out_dir={tmp_path / 'b'}"]) == 130
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(BackgroundSaver, "save", real_save)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 9
     cli_json(capsys, ["train", *common, f"train.out_dir={tmp_path / 'b'}", "--resume"])
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["backbone"]["state_dict"]
