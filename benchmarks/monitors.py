@@ -123,7 +123,7 @@ def build_monitor(spec: MonitorSpec) -> Monitor:
     if spec.dataset == "pets09":
         from reid_ssl.train.monitor import retrieval_monitor
 
-        inner = retrieval_monitor("pets09", spec.root)
+        inner = retrieval_monitor(spec.split or "pets09", spec.root)
         return lambda embedder: {k: v for k, v in inner(embedder).items() if k != "unreadable"}
     raise KeyError(f"no monitor for dataset {spec.dataset!r}")
 

@@ -30,13 +30,15 @@ class MonitorSpec:
     ``fashion-mnist``: weighted kNN (k=20, T=0.07; :func:`reid_ssl.classify.knn_classify`) of a fixed labeled
     subset of the test split (``test_per_class`` per class) against a fixed labeled subset of the train split
     (``bank_per_class``); features are the backbone's pooled output of the eval preprocessing, without flip.
-    ``pets09``: :func:`reid_ssl.monitor.retrieval_monitor` (rank-1 / rank-5 / mAP, flip-averaged features).
+    ``pets09``: :func:`reid_ssl.monitor.retrieval_monitor` (rank-1 / rank-5 / mAP, flip-averaged features) on
+    ``split`` (default the test split; ``pets09-val`` for the validation split that recipes are chosen on).
     """
 
     dataset: str
     root: str
     bank_per_class: int = 500
     test_per_class: int = 200
+    split: str = ""  # pets09: the retrieval split ("" = the test split, "pets09-val" = validation)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def run_key(cfg: Config, spec: MonitorSpec, impl: str, linear: bool, ddp: int = 
 
     d = to_dict(cfg)
     d["train"].pop("out_dir")
-    blob = {"config": d, "monitor": asdict(spec), "impl": impl, "linear": linear, "ddp": ddp, "reid_ssl": __version__}
+    monitor = {k: v for k, v in asdict(spec).items() if k != "split" or v}  # runs from before `split` keep keys
+    blob = {"config": d, "monitor": monitor, "impl": impl, "linear": linear, "ddp": ddp, "reid_ssl": __version__}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
