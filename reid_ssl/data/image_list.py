@@ -193,18 +193,31 @@ def read_image_list(list_file: str | Path, root: str | Path, bags: bool = True) 
     return ImageList(root, buf, first, stop, bag_ids)
 
 
+def _words(buf: np.ndarray) -> np.ndarray:
+    """The little-endian 8-byte word starting at every byte of ``buf`` (a strided view of a zero-padded copy), so
+    that 8 bytes compare in one integer comparison."""
+    padded = np.concatenate([buf, np.zeros(8, np.uint8)])
+    return np.ndarray(shape=(len(buf),), dtype="<u8", buffer=padded, strides=(1,))
+
+
+def _extension_keys(exts: tuple[bytes, ...], size: int) -> np.ndarray:
+    """The extensions of ``size`` bytes as little-endian integers (how :func:`_check_extensions` reads them)."""
+    return np.array([int.from_bytes(e, "little") for e in exts if len(e) == size], np.uint64)
+
+
 def _check_extensions(buf: np.ndarray, first: np.ndarray, stop: np.ndarray, line_no: np.ndarray, name: Path) -> None:
-    """Every entry ends with an image extension (checked on the last 5 bytes, lower-cased)."""
-    tail = np.zeros((len(first), 5), np.uint8)
+    """Every entry ends with an image extension (its last 4 or 5 bytes, lower-cased, as one integer each)."""
+    tail = np.zeros((len(first), 8), np.uint8)  # the last 5 bytes of each entry in columns 0..4, zeros after
     for k in range(1, 6):
         pos = stop - k
         ok = pos >= first
         tail[ok, 5 - k] = buf[pos[ok]]
-    lower = np.where((tail >= 65) & (tail <= 90), tail + 32, tail)
-    good = np.zeros(len(first), bool)
-    for ext in _EXTENSIONS:
-        e = np.frombuffer(ext, np.uint8)
-        good |= (lower[:, 5 - len(e) :] == e).all(axis=1) & (stop - first > len(e))
+    tail = np.where((tail >= 65) & (tail <= 90), tail + 32, tail)
+    key5 = tail.view("<u8")[:, 0]
+    key4 = key5 >> np.uint64(8)  # the last 4 bytes
+    length = stop - first
+    good = np.isin(key4, _extension_keys(_EXTENSIONS, 4)) & (length > 4)
+    good |= np.isin(key5, _extension_keys(_EXTENSIONS, 5)) & (length > 5)
     if not good.all():
         bad = int(np.flatnonzero(~good)[0])
         entry = os.fsdecode(buf[first[bad] : stop[bad]].tobytes())
@@ -222,12 +235,24 @@ def _folder_runs(buf: np.ndarray, first: np.ndarray, stop: np.ndarray) -> np.nda
     length = dir_end - first
     same = np.zeros(n, bool)
     same[1:] = length[1:] == length[:-1]
-    # compare each folder's bytes with the previous entry's, all at once: one flat gather of their bytes
     rows = np.flatnonzero(same & (length > 0))
     if len(rows):
-        lens = length[rows]
-        offsets = np.cumsum(lens) - lens
-        within = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(offsets, lens)
-        equal = buf[np.repeat(first[rows], lens) + within] == buf[np.repeat(first[rows - 1], lens) + within]
-        same[rows] = np.logical_and.reduceat(equal, offsets)
+        same[rows] = _equal_spans(_words(buf), first[rows], first[rows - 1], length[rows])
     return (np.cumsum(~same) - 1).astype(np.int32)
+
+
+def _equal_spans(words: np.ndarray, a: np.ndarray, b: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Whether bytes ``[a, a + length)`` equal ``[b, b + length)``, row by row, 8 bytes per comparison (the last
+    word of a span overlaps the one before; spans under 8 bytes are masked)."""
+    equal = np.ones(len(a), bool)
+    short = np.flatnonzero(length < 8)
+    mask = (np.uint64(1) << (length[short].astype(np.uint64) * np.uint64(8))) - np.uint64(1)
+    equal[short] = ((words[a[short]] ^ words[b[short]]) & mask) == 0
+    todo = np.flatnonzero(length >= 8)
+    offset = 0
+    while len(todo):
+        at = np.minimum(offset, length[todo] - 8)
+        equal[todo] &= words[a[todo] + at] == words[b[todo] + at]
+        offset += 8
+        todo = todo[length[todo] > offset]
+    return equal
