@@ -99,11 +99,13 @@ def test_bags_and_extensions_match_a_plain_python_reading_of_random_lists(tmp_pa
     obvious per-line Python: same entries, same bags, and the same first bad line."""
     rng = np.random.default_rng(0)
     alphabet = list("abcXYZ019/._-")
+    checked = 0
     for trial in range(200):
         lines = []
         for _ in range(int(rng.integers(1, 30))):
             folder = "".join(rng.choice(alphabet, int(rng.integers(0, 25))))
-            ext = str(rng.choice([".jpg", ".JPEG", ".png", ".tif", ".Tiff", ".webp", ".pgm", ".txt", "jpg", ".jp"]))
+            good, bad = [".jpg", ".JPEG", ".png", ".tif", ".Tiff", ".webp", ".pgm"], [".txt", "jpg", ".jp", ".jpgx"]
+            ext = str(rng.choice(bad if rng.random() < 0.02 else good))
             lines += [f"{folder}/{''.join(rng.choice(alphabet[:6], int(rng.integers(0, 6))))}{ext}"] * int(
                 rng.integers(1, 4)
             )
@@ -115,10 +117,12 @@ def test_bags_and_extensions_match_a_plain_python_reading_of_random_lists(tmp_pa
                 read_image_list(f, tmp_path)
             continue
         items = read_image_list(f, tmp_path)
+        checked += 1
         folders = [line.rsplit("/", 1)[0] if "/" in line else "" for line in lines]
         runs = np.cumsum([True] + [a != b for a, b in itertools.pairwise(folders)]) - 1
         assert [os.fsdecode(items.blob[a:b].tobytes()) for a, b in zip(items.starts, items.ends, strict=True)] == lines
         assert items.bags.tolist() == runs.tolist()
+    assert 50 < checked < 200  # both paths taken: lists that parse, and lists with a bad line
 
 
 def _python_is_image(entry: str) -> bool:
