@@ -77,6 +77,7 @@ class Preset:
             f"model.pred_hidden_dim={self.heads[2]}",
             "model.multires=false",  # the same views for every method; bench_ablations turns it on
             *augment_overrides(BYOL_AUGMENT),  # the paper's views for every method
+            "data.positives=augment",  # two views of one image, as the paper (and every compared method) does
             f"train.batch_size={self.batch_size}",
             f"train.epochs={self.epochs}",
             "train.device=auto",

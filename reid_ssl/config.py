@@ -41,10 +41,14 @@ class DataConfig:
     # a higher resolution matches apparent object size ("FixRes", Touvron et al. 2019; README "Results").
     eval_height: int = 96
     eval_width: int = 48
-    positives: Literal["augment", "bag"] = "augment"  # "augment": two views of one image (paper); "bag": 2nd view
-    # from another image of the same bag/tracklet
+    # "augment": two views of one image (the paper); "bag": the 2nd view from another image of the same bag; "auto":
+    # "bag" when the bags are one person's tracklets (pets09, video, shards packed from them), else "augment"
+    positives: Literal["augment", "bag", "auto"] = "auto"
     bad_images: Literal["skip", "fail"] = "skip"  # "skip" (counted and logged) or "fail"
-    num_workers: int = 2
+    # DataLoader worker processes. 0 on the 2-core default: the decoded crops are cached in memory and augmented in
+    # the training process; forked workers competing with the 2 torch threads cost 13-25% of the throughput
+    # (benchmarks/bench_ceiling.py). Raise it with more cores, a GPU, or images that do not fit the decode cache.
+    num_workers: int = 0
     max_images: int = 0  # 0 = all; >0 keeps a deterministic subset (smoke tests, quick looks)
 
 

@@ -185,10 +185,10 @@ def view_pair(data: DataConfig, aug: AugmentConfig) -> tuple[T.Compose, T.Compos
 
 def two_view_dataset(data: DataConfig, aug: AugmentConfig, items: ImageList | None = None) -> TwoViewDataset:
     """Items of the configured source wrapped with the view-A / view-B pipelines."""
-    from reid_ssl.data.datasets import build_source, source_array
+    from reid_ssl.data.datasets import build_source, resolve_positives, source_array
 
     items = items if items is not None else build_source(data)
     view_a, view_b = view_pair(data, aug)
     array = source_array(data)
-    bags = data.positives == "bag"
+    bags = resolve_positives(data) == "bag"
     return TwoViewDataset(items, view_a, view_b, bag_positives=bags, array=array, cache_bytes=DECODE_CACHE_BYTES)

@@ -204,6 +204,17 @@ def resolve_root(name: str, root: str | Path | None) -> Path:
     return Path(root if root not in (None, "") else default_root(name)).expanduser()
 
 
+def resolve_positives(data: DataConfig, packed_from: str | None = None) -> str:
+    """``data.positives`` with ``auto`` decided: ``bag`` when the source's bags are tracklets of one person (a
+    dataset registered with ``pid_is_tracklet``: pets09, video; for ``shards``, ``packed_from`` names the source
+    they were packed from), ``augment`` otherwise (a folder's sub-folders or SYSU-30k's bags may hold several
+    people, ImageNet's folders are classes)."""
+    if data.positives != "auto":
+        return data.positives
+    name = packed_from if DATASETS[data.source].stream else data.source
+    return "bag" if name is not None and name in DATASETS and DATASETS[name].pid_is_tracklet else "augment"
+
+
 def build_source(data: DataConfig) -> ImageList:
     """The unlabeled training items of ``data.source`` (a deterministic subset when ``data.max_images``).
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from reid_ssl.config import Config
 from reid_ssl.data.augment import two_view_dataset, view_pair
 from reid_ssl.data.sampler import EpochSampler
-from reid_ssl.data.shards import ShardStream
+from reid_ssl.data.shards import ShardStream, read_manifest
 from reid_ssl.data.ssl_sources import BagStats, bag_stats
 from reid_ssl.distributed import Dist
 from reid_ssl.errors import InputError
@@ -95,6 +95,7 @@ class FileFeed:
     def __init__(self, cfg: Config, d: Dist, device: torch.device) -> None:
         self.dataset = two_view_dataset(cfg.data, cfg.augment)
         self.images, self.stats = len(self.dataset), bag_stats(self.dataset.items)
+        self.positives = "bag" if self.dataset.bag_positives else "augment"
         self.sampler = EpochSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, d.rank, d.world_size)
         # The loader's own generator seeds its workers; starting an epoch then never draws from the global RNG,
         # whose state the checkpoint restores (exact resume with num_workers=0).
@@ -146,18 +147,18 @@ class ShardFeed:
                 "loss.gather_negatives needs the same batch size on every process at every step; shard streams give "
                 "processes different numbers of batches. Turn it off, or train from files"
             )
-        from reid_ssl.data.datasets import resolve_root
+        from reid_ssl.data.datasets import resolve_positives, resolve_root
 
         view_a, view_b = view_pair(cfg.data, cfg.augment)
         root = resolve_root(cfg.data.source, cfg.data.root)
-        self.stream = ShardStream(
-            root, view_a, view_b, cfg.data.positives == "bag", cfg.train.seed, d.rank, d.world_size
-        )
+        packed_from = (read_manifest(root).get("source") or {}).get("source")
+        self.positives = resolve_positives(cfg.data, packed_from)
+        self.stream = ShardStream(root, view_a, view_b, self.positives == "bag", cfg.train.seed, d.rank, d.world_size)
         manifest = self.stream.manifest
         stats = manifest.get("bag_stats") or {}
         self.images = self.stream.num_samples
         self.stats = BagStats(int(stats.get("bags", manifest.get("bags", 0))), int(stats.get("max_cooccurring", 0)))
-        if cfg.data.positives == "bag" and not self.stats.bags:
+        if self.positives == "bag" and not self.stats.bags:
             raise InputError(f"data.positives='bag': the shards in {root} carry no bags")
         self.d, self.batch = d, cfg.train.batch_size
         self.tail = min(self.batch, max(self.batch // 2, 2))  # a smaller tail joins the last batch

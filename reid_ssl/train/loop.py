@@ -194,12 +194,12 @@ def _build(plan: RunPlan) -> _Run:
     run.samples = SampleLog(out_dir, d.rank) if cfg.train.sample_log else None
     if resumed is not None:
         _restore(run, resumed, plan.source)
-    run.history["k_rule"] = k_rule
+    run.history["k_rule"], run.history["positives"] = k_rule, feed.positives
     if d.main:
         log.info(
-            "data: %d images from %s (%s); %d optimizer steps of %d x %d x %d images; %d negatives/anchor",
-            feed.images, cfg.data.source, resolve_root(cfg.data.source, cfg.data.root or None), total_steps,
-            cfg.train.batch_size, d.world_size, cfg.train.accumulate, negatives,
+            "data: %d images from %s (%s), positives: %s; %d optimizer steps of %d x %d x %d images; %d negatives"
+            "/anchor", feed.images, cfg.data.source, resolve_root(cfg.data.source, cfg.data.root or None),
+            feed.positives, total_steps, cfg.train.batch_size, d.world_size, cfg.train.accumulate, negatives,
         )  # fmt: skip
         for note in plan.notes:
             log.info("%s", note)

@@ -11,7 +11,7 @@ import torch
 
 from reid_ssl.config import AugmentConfig, DataConfig
 from reid_ssl.data.augment import two_view_dataset
-from reid_ssl.data.datasets import build_source
+from reid_ssl.data.datasets import build_source, resolve_positives
 from reid_ssl.data.sampler import EpochSampler
 from reid_ssl.data.ssl_sources import folder_source, imagenet_source, list_source, sysu30k_source
 from reid_ssl.errors import DatasetLayoutError as LayoutError
@@ -162,3 +162,23 @@ def test_bag_stats_bound_the_number_of_people(tmp_path):
     assert (stats.bags, stats.max_cooccurring) == (3, 2)
     write_person_image(tmp_path / "bags" / "0004" / "not_a_frame.jpg", 4, rng)  # no timeline: no lower bound
     assert bag_stats(folder_source(tmp_path / "bags")) == type(stats)(4, 0)
+
+
+@pytest.mark.parametrize(
+    ("source", "packed_from", "expected"),
+    [
+        ("pets09", None, "bag"),  # bags are one person's tracklets
+        ("video", None, "bag"),
+        ("folder", None, "augment"),  # a sub-folder may hold anyone
+        ("sysu30k", None, "augment"),  # a SYSU-30k bag holds several people
+        ("imagenet", None, "augment"),  # folders are classes: never positives
+        ("fashion-mnist", None, "augment"),
+        ("shards", "pets09", "bag"),  # shards follow what they were packed from
+        ("shards", "folder", "augment"),
+        ("shards", None, "augment"),
+    ],
+)
+def test_positives_auto_takes_bags_only_where_a_bag_is_one_person(source, packed_from, expected):
+    assert resolve_positives(DataConfig(source=source), packed_from) == expected
+    for explicit in ("bag", "augment"):  # an explicit choice is kept
+        assert resolve_positives(DataConfig(source=source, positives=explicit), packed_from) == explicit
