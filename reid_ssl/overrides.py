@@ -135,7 +135,11 @@ def read_yaml(path: Path) -> Any:
         raise MissingFileError(f"config file not found: {path}")
     try:
         with path.open(encoding="utf-8") as f:  # a stream: YAML's messages then name the file
-            return yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader subclass
+            loader = _UniqueKeyLoader(f)  # a SafeLoader: plain YAML types only
+            try:
+                return loader.get_single_data() or {}
+            finally:
+                loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     except UnicodeDecodeError as e:
