@@ -42,16 +42,16 @@ def score_on_save(monitor: Monitor, out_file: Path, flip: bool = False) -> Itera
         out_file: the JSON-lines file the scores are appended to (steps already in it are not scored again).
         flip: the embedder's flip averaging (PETS09 retrieval: on; Fashion-MNIST: off).
     """
+    from reid_ssl.checkpoint import BackgroundSaver
     from reid_ssl.embedder import Embedder
     from reid_ssl.models import build_backbone
-    from reid_ssl.train import loop
     from reid_ssl.train.logs import append_jsonl
     from reid_ssl.train.state import rng_state, set_rng_state
 
-    original = loop.save_checkpoint
+    original = BackgroundSaver.save  # the loop's checkpoints: scored here, in the training thread, at save time
     done = set(read_scores(out_file))
 
-    def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    def save(self: BackgroundSaver, path: str | Path, payload: dict[str, Any]) -> None:
         step = int(payload["step"])
         if step not in done:
             state = rng_state()
@@ -64,10 +64,10 @@ def score_on_save(monitor: Monitor, out_file: Path, flip: bool = False) -> Itera
                 set_rng_state(state)
             append_jsonl(out_file, {"step": step, "epoch": int(payload["epoch"]), **scores})
             done.add(step)
-        return original(path, payload)
+        original(self, path, payload)
 
-    loop.save_checkpoint = save
+    BackgroundSaver.save = save  # type: ignore[method-assign]
     try:
         yield
     finally:
-        loop.save_checkpoint = original
+        BackgroundSaver.save = original  # type: ignore[method-assign]
