@@ -47,8 +47,8 @@ class DataConfig:
     bad_images: Literal["skip", "fail"] = "skip"  # "skip" (counted and logged) or "fail"
     # DataLoader worker processes. 0 on the 2-core default: the decoded crops are cached in memory and augmented in
     # the training process; forked workers competing with the 2 torch threads cost more than they save
-    # (benchmarks/bench_ceiling.py: 0.756 -> 0.816 of the ceiling). Raise it with more cores, a GPU, or images
-    # that do not fit the decode cache.
+    # (benchmarks/bench_ceiling.py: 0.756 -> 0.816 of the ceiling with this and background checkpoints). Raise it
+    # with more cores, a GPU, or images that do not fit the decode cache.
     num_workers: int = 0
     max_images: int = 0  # 0 = all; >0 keeps a deterministic subset (smoke tests, quick looks)
 

@@ -148,9 +148,8 @@ def read_yaml(path: Path) -> Any:
 
 def apply_yaml(obj: Any, path: Path) -> Any:
     """``obj`` with the YAML file at ``path`` applied (:func:`apply_overrides`); errors name the file."""
+    values = read_yaml(path)  # its own errors name the file already
     try:
-        return apply_overrides(obj, read_yaml(path))
+        return apply_overrides(obj, values)
     except ConfigError as e:
-        if str(path) in str(e):
-            raise
         raise ConfigError(f"{path}: {e}") from None

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from reid_ssl.config import Config
 from reid_ssl.data.augment import two_view_dataset, view_pair
 from reid_ssl.data.sampler import EpochSampler
-from reid_ssl.data.shards import ShardStream, read_manifest
+from reid_ssl.data.shards import ShardStream
 from reid_ssl.data.ssl_sources import BagStats, bag_stats
 from reid_ssl.distributed import Dist
 from reid_ssl.errors import InputError
@@ -151,10 +151,10 @@ class ShardFeed:
 
         view_a, view_b = view_pair(cfg.data, cfg.augment)
         root = resolve_root(cfg.data.source, cfg.data.root)
-        packed_from = (read_manifest(root).get("source") or {}).get("source")
-        self.positives = resolve_positives(cfg.data, packed_from)
-        self.stream = ShardStream(root, view_a, view_b, self.positives == "bag", cfg.train.seed, d.rank, d.world_size)
+        self.stream = ShardStream(root, view_a, view_b, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size)
         manifest = self.stream.manifest
+        self.positives = resolve_positives(cfg.data, (manifest.get("source") or {}).get("source"))
+        self.stream.bag_positives = self.positives == "bag"
         stats = manifest.get("bag_stats") or {}
         self.images = self.stream.num_samples
         self.stats = BagStats(int(stats.get("bags", manifest.get("bags", 0))), int(stats.get("max_cooccurring", 0)))
