@@ -12,13 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from reid_ssl.cli.common import DEFAULT_INDEX, add_parser, positive_int
+from reid_ssl.cli.common import DEFAULT_INDEX, add_device_option, add_index_option, add_parser, positive_int
 from reid_ssl.errors import InputError, MissingFileError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_parser(subparsers, "app", "serve the gallery search app in the browser", __doc__)
-    p.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    add_index_option(p)
     p.add_argument("--checkpoint", help="default: the checkpoint that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=7860, help="TCP port, 1..65535 (default 7860)")
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="serve a non-loopback address without a login (anyone who can reach it can add images)",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda...")
+    add_device_option(p)
     p.add_argument("--max-upload-mb", type=positive_int, default=100, help="largest file one upload may send")
     p.add_argument(
         "--threads",

@@ -9,6 +9,7 @@ from typing import Any
 
 from reid_ssl.cli.common import (
     DEFAULT_CHECKPOINT,
+    add_json_option,
     add_parser,
     batch_size,
     choices_help,
@@ -48,7 +49,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, default: str | None = DEFAUL
         required=default is None,
         help="reid_ssl checkpoint" + (f" (default {default})" if default else ""),
     )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_option(p)
 
 
 def add_data_args(p: argparse.ArgumentParser, names: tuple[str, ...], default: str | None) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from reid_ssl.cli.common import (
     add_batch_size_option,
+    add_device_option,
     add_json_option,
     int_in,
     positive_int,
@@ -54,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_batch_size_option(b)
     b.add_argument("--workers", type=workers, default=0, help="data loader worker processes, 0..64 (default 0)")
-    b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
+    add_device_option(b)
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     b.add_argument("--no-calibrate", action="store_true", help="skip the 'no match' threshold calibration")
     add_json_option(b)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from reid_ssl.cli.common import (
+    add_json_option,
     add_parser,
     non_negative_float,
     positive_float,
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace another prepared dataset in --out (e.g. prepare video's)"
     )
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_json_option(p, "the manifest")
     p.set_defaults(handler=run_pets09)
 
     v = what.add_parser(
@@ -104,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also write test (market/) and validation (market_val/) splits of pseudo-identities",
     )
     v.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs or options")
-    v.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_json_option(v, "the manifest")
     v.set_defaults(handler=run_video)
 
     from reid_ssl.data.datasets import DATASETS, SSL_SOURCES
@@ -132,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="copy each image's bytes without decoding it (faster for a corpus known to be clean); by default every "
         "image is decoded while packing and truncated or corrupt ones are left out and listed in the manifest",
     )
-    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_json_option(s, "the manifest")
     s.set_defaults(handler=run_shards)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reid_ssl.cli.common import add_parser, print_json, print_table
+from reid_ssl.cli.common import add_json_option, add_parser, print_json, print_table
 from reid_ssl.console import is_main_process, setup_logging, show_progress
 
 DESCRIPTION = """\
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-eval", action="store_true", help="skip the per-epoch retrieval monitor")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_option(p, "the summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
