@@ -67,8 +67,13 @@ CANDIDATES: dict[str, list[str]] = {
     # added after that choice (its validation mAP was still rising at epoch 15): a longer schedule that still fits
     # 12 minutes at 60 img/s, at the same and at half the learning rate
     "k-auto-1res-25ep-bag-reid-aug": [*AUTO_1RES, "train.epochs=25", "data.positives=bag", *REID_AUG],
-    "k-auto-1res-25ep-bag-reid-aug-lr0.05": [*AUTO_1RES, "train.epochs=25", "data.positives=bag", *REID_AUG,
-                                             "optim.lr=0.05"],  # fmt: skip
+    "k-auto-1res-25ep-bag-reid-aug-lr0.05": [
+        *AUTO_1RES,
+        "train.epochs=25",
+        "data.positives=bag",
+        *REID_AUG,
+        "optim.lr=0.05",
+    ],
 }
 TEST_SIZES = ((96, 48), (64, 32))
 METRICS = ("rank1", "rank5", "rank10", "mAP")
