@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from reid_ssl import __version__
-from reid_ssl.errors import CheckpointError, MissingFileError
-from reid_ssl.fileio import atomic_write_bytes
+from reid_ssl.errors import CheckpointError
+from reid_ssl.fileio import atomic_write_bytes, require_file
 
 if TYPE_CHECKING:
     from reid_ssl.config import Config
@@ -173,9 +173,7 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> Any:
         CheckpointError: not a torch file, damaged, or a pickle that would need arbitrary code (the message quotes
             what was refused, never torch's advice to retry unsafely).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{what} not found: {path}")
+    path = require_file(path, what)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore")

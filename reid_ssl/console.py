@@ -12,6 +12,11 @@ import os
 import sys
 
 
+def plural(n: int, noun: str, plural_form: str = "") -> str:
+    """``"1 image"``, ``"3 images"``: ``n`` and the noun in the right number (``plural_form`` when not +s)."""
+    return f"{n} {noun if n == 1 else plural_form or noun + 's'}"
+
+
 def is_main_process() -> bool:
     """True outside ``torchrun`` and on its rank 0."""
     return int(os.environ.get("RANK", "0")) == 0

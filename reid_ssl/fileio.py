@@ -99,6 +99,27 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return Path(path)
 
 
+def require_file(path: str | Path, what: str, hint: str = "") -> Path:
+    """``path`` as a :class:`Path` when it is an existing file; the one existence check for files users name.
+
+    Args:
+        what: what the file is, for the message ("checkpoint", "config file", "query image"...).
+        hint: appended to the "not found" message (how to make or find the file).
+
+    Raises:
+        InputError: ``path`` is a folder ("... is a folder; expected a file").
+        MissingFileError: nothing exists at ``path``.
+    """
+    from reid_ssl.errors import InputError, MissingFileError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; expected a file: give the path of the {what} itself")
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}{hint}")
+    return path
+
+
 def read_list_file(path: str | Path) -> list[tuple[int, str]]:
     """The entries of a text list (image lists, split files) as ``(line number, text)``, however it was written.
 

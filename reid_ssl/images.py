@@ -26,6 +26,32 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
+# A person crop (a query, a gallery image): at least this many pixels on its short side, and its long side at most
+# this many times its short side (people are about 2-3 times as tall as wide; lying or cropped ones less).
+MIN_CROP_SIDE = 8
+MAX_CROP_ASPECT = 8.0
+
+
+def crop_shape_problem(width: int, height: int) -> str | None:
+    """Why a ``width`` x ``height`` image cannot be a person crop (too small or too elongated), else ``None``.
+
+    The one rule for every place the app takes a person crop (a search query, a gallery upload, a zip member).
+    """
+    short, long = min(width, height), max(width, height)
+    if short < MIN_CROP_SIDE:
+        return (
+            f"too small for a person crop: {width}x{height} pixels (each side needs at least {MIN_CROP_SIDE}); "
+            "for a whole camera frame use the Full frame tab"
+        )
+    if long > MAX_CROP_ASPECT * short:
+        return (
+            f"not the shape of a person crop: {width}x{height} pixels is {long / short:.0f} times as "
+            f"{'tall' if height > width else 'wide'} as it is {'wide' if height > width else 'tall'} (at most "
+            f"{MAX_CROP_ASPECT:g}); crop the image around one person"
+        )
+    return None
+
+
 def open_rgb(source: str | Path | Image.Image) -> Image.Image:
     """Decode an image file (or take a PIL image) the way an image viewer shows it, as 8-bit RGB.
 

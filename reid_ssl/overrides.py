@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
-from reid_ssl.errors import ConfigError, MissingFileError
+from reid_ssl.errors import ConfigError
+from reid_ssl.fileio import require_file
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
@@ -131,8 +132,7 @@ def read_yaml(path: Path) -> Any:
         MissingFileError: no such file. ConfigError: not valid YAML, or a key given twice in one mapping (the file
         and line named).
     """
-    if not path.is_file():
-        raise MissingFileError(f"config file not found: {path}")
+    require_file(path, "config file")
     try:
         with path.open(encoding="utf-8") as f:  # a stream: YAML's messages then name the file
             loader = _UniqueKeyLoader(f)  # a SafeLoader: plain YAML types only

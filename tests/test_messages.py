@@ -89,3 +89,43 @@ def _undocumented(parser: argparse.ArgumentParser, name: str) -> list[str]:
 def test_every_option_of_every_command_has_a_help_text() -> None:
     """``--help`` explains every option (hidden internal ones use ``argparse.SUPPRESS``, which is a text)."""
     assert _undocumented(build_parser(), "reid_ssl") == []
+
+
+def _parsers(
+    parser: argparse.ArgumentParser, name: str = "reid_ssl", parent: argparse.ArgumentParser | None = None
+) -> list[tuple[str, argparse.ArgumentParser, argparse.ArgumentParser | None]]:
+    """Every parser of the command line: (its command, the parser, its parent parser)."""
+    found = [(name, parser, parent)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                found += _parsers(sub, f"{name} {sub_name}", parser)
+    return found
+
+
+def test_every_command_has_its_own_description_and_examples() -> None:
+    """No command without a description, and no sub-command repeating its parent's description or examples
+    (``prepare video --help`` once printed ``prepare``'s text and all seven examples)."""
+    problems = []
+    for name, parser, parent in _parsers(build_parser()):
+        if not (parser.description or "").strip():
+            problems.append(f"{name}: no description")
+        if parent is not None and parser.description == parent.description:
+            problems.append(f"{name}: repeats the description of its parent")
+        if parent is not None and parser.epilog and parser.epilog == parent.epilog:
+            problems.append(f"{name}: repeats the examples of its parent")
+    assert not problems, "\n".join(problems)
+
+
+def test_help_texts_show_no_raw_markup_and_one_default_per_option() -> None:
+    """``--help`` is read in a terminal: no reST markup (````x````, ``::``, ``:func:``), and an option's help
+    names its default once (``eval --protocol`` once said "(default)" twice)."""
+    problems = []
+    for name, parser, _ in _parsers(build_parser()):
+        text = parser.format_help()
+        for markup in re.findall(r"``[^`]*``|::\s*$|:(?:func|class|mod|meth|data):`", text, re.M):
+            problems.append(f"{name} --help: raw markup {markup.strip()!r}")
+        for action in parser._actions:
+            if isinstance(action.help, str) and len(re.findall(r"\bdefault\b", action.help)) > 1:
+                problems.append(f"{name} {'/'.join(action.option_strings)}: more than one default in its help")
+    assert not problems, "\n".join(problems)

@@ -49,8 +49,11 @@ def number(value: Any, what: str, default: float) -> float:
 
 
 def results_k(value: Any) -> int:
-    """The number of results, bounded to 1..MAX_K."""
-    return int(min(max(round(number(value, "the number of results (k)", 10)), 1), MAX_K))
+    """The number of results, a whole number in 1..MAX_K (anything else is refused, never silently changed)."""
+    x = number(value, "the number of results (k)", 10)
+    if x != round(x) or not 1 <= x <= MAX_K:
+        raise InputError(f"the number of results (k) must be a whole number from 1 to {MAX_K}, got {value!r}")
+    return int(x)
 
 
 def no_match_threshold(value: Any, calibrated: float | None) -> float | None:

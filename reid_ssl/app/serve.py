@@ -17,12 +17,12 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from reid_ssl.app.uploads import UploadLimits
-from reid_ssl.errors import InputError, MissingFileError
+from reid_ssl.errors import InputError
+from reid_ssl.fileio import require_file
 
 AUTH_ENV = "REID_SSL_APP_AUTH"
 
@@ -209,9 +209,7 @@ def resolve_auth(auth_file: str | None, environ: Mapping[str, str] | None = None
     env: Mapping[str, str] = os.environ if environ is None else environ
     warnings = []
     if auth_file:
-        path = Path(auth_file)
-        if not path.is_file():
-            raise MissingFileError(f"auth file not found: {path}")
+        path = require_file(auth_file, "auth file")
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             warnings.append(f"{path} is readable by other users: chmod 600 {path}")
         return parse_auth(path.read_text(), str(path)), warnings

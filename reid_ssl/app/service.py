@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from reid_ssl.app.text import caption, shortfall, summary, verdict
 from reid_ssl.app.uploads import UploadLimits, check_image, check_upload, safe_name
 from reid_ssl.data.market import parse_market_name
 from reid_ssl.errors import ImageError, IndexLockedError, InputError, UploadError
+from reid_ssl.fileio import sha256_file
 from reid_ssl.images import open_rgb
 from reid_ssl.index import GalleryIndex, GalleryItem, current_generation, describe_calibration
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the detector module imports OpenCV, which edits LD_LIBRARY_
     from reid_ssl.data.video.detect import Box, Detector
 
 MAX_PEOPLE = 50  # detections shown per frame (best scores first)
+ALREADY_INDEXED = "already in the gallery"  # why a gallery upload was skipped (the rule of `index add`)
 
 # the names that lived here before inputs.py and text.py were split out (reid_ssl.app.ui imports MAX_K)
 __all__ = ["MAX_K", "MAX_PEOPLE", "GallerySearchApp", "caption", "crop", "query_camid", "verdict"]
@@ -127,12 +128,13 @@ class GallerySearchApp:
     def image_file(self, im: Image.Image) -> str:
         return self.files.write(im)
 
-    def open_upload(self, value: Any, what: str) -> tuple[Image.Image, str, str]:
-        """A client's image payload -> (decoded RGB image, path, the name the user gave), checked first."""
+    def open_upload(self, value: Any, what: str, crop: bool = False) -> tuple[Image.Image, str, str]:
+        """A client's image payload -> (decoded RGB image, path, the name the user gave), checked first (with
+        ``crop``: also the shape of a person crop, the rule gallery uploads follow too)."""
         path, name = payload(value)
         if not path:
             raise InputError(f"Upload a {what} first.")
-        if reason := check_image(path, self.limits):
+        if reason := check_image(path, self.limits, crop=crop):
             raise ImageError(f"This file cannot be used as a {what}: {reason}.")
         try:
             return open_rgb(path), path, name
@@ -153,7 +155,7 @@ class GallerySearchApp:
         k = results_k(k)
         exclude = exclude_same_camera is True or str(exclude_same_camera).lower() in ("true", "1")
         camid = query_camid(query_camera, payload(image)[1]) if exclude else None
-        im, _, _ = self.open_upload(image, "query image (a person crop)")
+        im, _, _ = self.open_upload(image, "query image (a person crop)", crop=True)
         feature = self.embedder.embed_image(im)
         if exclude and camid is None:
             self.warn(
@@ -172,7 +174,15 @@ class GallerySearchApp:
         thr = no_match_threshold(threshold, idx.threshold)
         hits = idx.search(feature, k, exclude_camid=camid)[0]
         gallery = [(self.thumbnail(h.path, idx), caption(h)) for h in hits]
-        note = f" (camid {camid} excluded)" if camid is not None else ""
+        note = ""
+        if camid is not None:
+            cameras = idx.stats()["cameras"] if len(idx.ids_where(camid=camid)) == 0 else None
+            note = (
+                f" (camid {camid} excluded)"
+                if cameras is None
+                else f" (camid {camid} is not a camera of this gallery, whose camids are "
+                f"{', '.join(map(str, cameras)) or 'unknown'}: nothing was excluded)"
+            )
         return gallery, verdict(hits, thr) + note + shortfall(len(hits), k, idx, camid)
 
     # --- gallery uploads ------------------------------------------------------------------------------
@@ -202,48 +212,76 @@ class GallerySearchApp:
                 raise UploadError("Nothing was added: " + summary(problems))
             added, failures = self._add_checked(checked.images)
             problems += failures
+            if not added:
+                raise UploadError("Nothing was added: " + summary(problems))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         status = f"Added **{len(added)}** image{'s' * (len(added) != 1)} to the gallery"
-        status += f" (ids {added[0]}–{added[-1]})." if added else "."
+        status += f" (id {added[0]})." if len(added) == 1 else f" (ids {added[0]}–{added[-1]})."
         if problems:
             status += " Skipped: " + summary(problems)
             self.warn(f"{len(problems)} file(s) skipped: " + summary(problems, limit=3))
         return status, self.stats_markdown()
 
+    def _stored_path(self, src: Path, name: str) -> Path:
+        """Where an upload is kept: named by its bytes' digest and its name, so the same image uploaded again
+        has the same path and :meth:`GalleryIndex.duplicates` (the rule of ``index add``) finds it."""
+        assert self.uploads_dir is not None
+        return (self.uploads_dir / f"{sha256_file(src)[:32]}_{safe_name(name)}").resolve()
+
     def _add_checked(self, images: list[tuple[Path, str]]) -> tuple[list[int], list[tuple[str, str]]]:
+        """Store, embed and add checked images, skipping duplicates; ([new ids], [(name, why skipped)])."""
         assert self._index.path is not None and self.uploads_dir is not None
-        batch = self.uploads_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        created: list[Path] = []  # files this call wrote: removed again when nothing is added
+        failures: list[tuple[str, str]] = []
         try:
-            batch.mkdir(parents=True)
-            kept = []
-            for n, (src, name) in enumerate(images):
-                dst = batch / f"{n:05d}_{safe_name(name)}"
-                shutil.copyfile(src, dst)
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            stored = [(self._stored_path(src, name), src, name) for src, name in images]
+            dup = self.index.duplicates([str(dst) for dst, _, _ in stored])
+            kept: list[tuple[Path, str]] = []
+            for (dst, src, name), d in zip(stored, dup, strict=True):
+                if d:
+                    failures.append((name, ALREADY_INDEXED))
+                    continue
+                if not dst.exists():
+                    created.append(dst)  # before copying: a full disk may leave part of it
+                    shutil.copyfile(src, dst)
                 kept.append((dst, name))
+            if not kept:
+                return [], failures
             res = self.embedder.embed_images([p for p, _ in kept], batch_size=32)
-            failures = [(kept[i][1], reason) for i, reason in res.failures]
+            failures += [(kept[i][1], reason) for i, reason in res.failures]
             items = []
             for i in res.ok:
                 path, name = kept[i]
                 meta = parse_market_name(Path(name).name)
                 fields = {} if meta is None else {"pid": meta.pid, "camid": meta.camid, "frame": meta.frame}
-                items.append(GalleryItem(path=str(path.resolve()), source="upload", **fields))
+                items.append(GalleryItem(path=str(path), source="upload", **fields))
             with GalleryIndex.open_for_update(self._index.path, timeout=30) as idx:
                 idx.check_embedder(self.embedder)
-                ids = idx.add(res.features, items)
-                idx.add_roots(self.uploads_dir)
+                fresh = ~np.array(idx.duplicates([it.path for it in items]), bool)  # added meanwhile?
+                failures += [(kept[i][1], ALREADY_INDEXED) for i, f in zip(res.ok, fresh, strict=True) if not f]
+                ids = idx.add(res.features[fresh], [it for it, f in zip(items, fresh, strict=True) if f])
+                if len(ids):
+                    idx.add_roots(self.uploads_dir)
+                else:  # under the lock: no other upload can have indexed these files meanwhile
+                    self._remove(created)
             with self._swap_lock:
                 self._index = idx  # saved and consistent: new searches use it, running ones keep theirs
         except IndexLockedError:
-            shutil.rmtree(batch, ignore_errors=True)
+            self._remove(created)
             raise IndexLockedError(
                 "The index is being written by another process; nothing was added, try again."
             ) from None
         except OSError as e:
-            shutil.rmtree(batch, ignore_errors=True)
+            self._remove(created)
             raise UploadError(f"Could not store the upload ({e.strerror or e}); the gallery is unchanged.") from None
         return [int(i) for i in ids], failures
+
+    @staticmethod
+    def _remove(files: list[Path]) -> None:
+        for f in files:
+            f.unlink(missing_ok=True)
 
     def stats_markdown(self) -> str:
         idx = self.index

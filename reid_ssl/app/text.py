@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reid_ssl.console import plural
+
 if TYPE_CHECKING:
     from reid_ssl.index import GalleryIndex, SearchHit
 
@@ -56,7 +58,7 @@ def shortfall(found: int, k: int, idx: GalleryIndex, camid: int | None) -> str:
     if found >= k:
         return ""
     if idx.ntotal < k:
-        why = f"the gallery holds only {idx.ntotal} images"
+        why = f"the gallery holds only {plural(idx.ntotal, 'image')}"
     elif camid is not None:
         why = f"the others are from camid {camid}, which is excluded"
     else:

@@ -26,19 +26,30 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 
 from reid_ssl.errors import ImageError, UploadError
-from reid_ssl.images import is_image_name, open_rgb
+from reid_ssl.images import crop_shape_problem, is_image_name, open_rgb
+
+DEFAULT_UPLOAD_MB = 100  # `reid_ssl app --max-upload-mb`'s default: the one size limit of an uploaded file
 
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Bounds on what one upload may contain (the web server also caps each file's size at launch)."""
+    """Bounds on what one upload may contain.
+
+    ``max_upload_mb`` is the one size limit of a file: the web server refuses a larger upload (gradio's
+    ``max_file_size``, HTTP 413), and an image (a query, a frame, a gallery image, a zip member) larger than
+    that is refused by :func:`check_image` and :func:`safe_extract_zip`.
+    """
 
     max_files: int = 2000  # images per upload, zip members included
-    max_file_bytes: int = 20 * 2**20  # one image file
     max_total_bytes: int = 500 * 2**20  # all uncompressed bytes of one upload
     max_ratio: float = 200.0  # uncompressed / compressed size of one zip member (JPEG crops: ~1)
     max_pixels: int = 40_000_000  # one image (width x height), below PIL's own bomb limit
-    max_upload_mb: int = 100  # per uploaded file, enforced by the web server (gradio max_file_size)
+    max_upload_mb: int = DEFAULT_UPLOAD_MB  # one uploaded file, and one image in it (`--max-upload-mb`)
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest file, or image in a zip, in bytes (``max_upload_mb`` MiB)."""
+        return self.max_upload_mb * 2**20
 
 
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -51,8 +62,9 @@ def safe_name(name: str, max_len: int = 80) -> str:
     return base[-max_len:]
 
 
-def check_image(path: str | Path, limits: UploadLimits = UploadLimits()) -> str | None:
-    """Why ``path`` is not a usable image (``None`` when it is): size, pixel count, decodability."""
+def check_image(path: str | Path, limits: UploadLimits = UploadLimits(), crop: bool = False) -> str | None:
+    """Why ``path`` is not a usable image (``None`` when it is): size, pixel count, decodability, and with
+    ``crop`` the shape of a person crop (:func:`~reid_ssl.images.crop_shape_problem`)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -61,7 +73,7 @@ def check_image(path: str | Path, limits: UploadLimits = UploadLimits()) -> str 
     if size == 0:
         return "empty file"
     if size > limits.max_file_bytes:
-        return f"file too large ({size / 2**20:.1f} MB > {limits.max_file_bytes / 2**20:.0f} MB)"
+        return f"file too large ({size / 2**20:.1f} MB > {limits.max_upload_mb} MB, the app's --max-upload-mb)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,6 +87,8 @@ def check_image(path: str | Path, limits: UploadLimits = UploadLimits()) -> str 
         return f"cannot decode the image, truncated or corrupt ({e})"
     if w * h > limits.max_pixels:
         return f"refused: {w} x {h} = {w * h:,} pixels (limit {limits.max_pixels:,})"
+    if crop and (reason := crop_shape_problem(w, h)):
+        return reason
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -153,7 +167,9 @@ def safe_extract_zip(
                     skipped.append((info.filename, "encrypted"))
                     continue
                 if info.file_size > limits.max_file_bytes:
-                    skipped.append((info.filename, f"too large ({info.file_size / 2**20:.1f} MB)"))
+                    skipped.append(
+                        (info.filename, f"too large ({info.file_size / 2**20:.1f} MB > {limits.max_upload_mb} MB)")
+                    )
                     continue
                 target = dest / f"{n:05d}_{safe_name(info.filename)}"
                 with zf.open(info) as src, open(target, "wb") as out:
@@ -209,7 +225,7 @@ def check_upload(
     for path, name in candidates:
         if not is_image_name(name):
             problems.append((name, "not an image file name (.jpg, .png, ...)"))
-        elif reason := check_image(path, limits):
+        elif reason := check_image(path, limits, crop=True):
             problems.append((name, reason))
         else:
             images.append((path, name))

@@ -12,12 +12,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from reid_ssl.app.uploads import DEFAULT_UPLOAD_MB
 from reid_ssl.cli.common import DEFAULT_INDEX, add_device_option, add_index_option, add_parser, positive_int
 from reid_ssl.errors import InputError, MissingFileError
 
+DESCRIPTION = """\
+Serve the gallery search app (search with a person crop, add images or a zip of crops to the gallery, detect
+people in a whole frame) over an index built by `reid_ssl index build`.
+Binds 127.0.0.1 by default. Serving on any other address needs a login: --auth-file FILE (lines of
+user:password) or the environment variable REID_SSL_APP_AUTH=user:password[,user2:password2]; without one
+the command refuses to start (--insecure-no-auth overrides, with a warning). There is never a share link and
+never telemetry. Every uploaded file, and every image in a zip, is at most --max-upload-mb."""
+
+EPILOG = """\
+examples:
+  reid_ssl app
+  reid_ssl app --index runs/vtest/gallery --port 8080 --max-upload-mb 20
+  REID_SSL_APP_AUTH=alice:s3cret reid_ssl app --host 0.0.0.0"""
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = add_parser(subparsers, "app", "serve the gallery search app in the browser", __doc__)
+    p = add_parser(subparsers, "app", "serve the gallery search app in the browser", DESCRIPTION, EPILOG)
     add_index_option(p)
     p.add_argument("--checkpoint", help="default: the checkpoint that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -29,7 +44,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="serve a non-loopback address without a login (anyone who can reach it can add images)",
     )
     add_device_option(p)
-    p.add_argument("--max-upload-mb", type=positive_int, default=100, help="largest file one upload may send")
+    p.add_argument(
+        "--max-upload-mb",
+        type=positive_int,
+        default=DEFAULT_UPLOAD_MB,
+        help=f"the largest file, in MB, that one upload may send and the largest image (a query, a frame, a gallery "
+        f"image or a member of a zip) the app takes (default {DEFAULT_UPLOAD_MB}); the web server refuses larger "
+        "uploads with HTTP 413",
+    )
     p.add_argument(
         "--threads",
         type=positive_int,

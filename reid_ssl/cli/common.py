@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from reid_ssl.errors import MissingFileError
-from reid_ssl.fileio import to_jsonable
+from reid_ssl.fileio import require_file, to_jsonable
 from reid_ssl.index.sidecar import display_path
 
 DEFAULT_RUN = "runs/pets09_r18"
@@ -117,11 +116,8 @@ workers = int_in(0, 64)
 
 def existing_checkpoint(path: str) -> Path:
     """The checkpoint file, or :class:`MissingFileError` saying how to make one."""
-    p = Path(path)
-    if not p.is_file():
-        hint = " (train one with `reid_ssl train` or pass --checkpoint)" if path == DEFAULT_CHECKPOINT else ""
-        raise MissingFileError(f"checkpoint not found: {p}{hint}")
-    return p
+    hint = " (train one with `reid_ssl train` or pass --checkpoint)" if path == DEFAULT_CHECKPOINT else ""
+    return require_file(path, "checkpoint", hint)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +148,8 @@ def percent(value: float | None) -> str:
 
 
 def print_problems(problems: list[tuple[str, str]], label: str = "") -> None:
-    """Up to 10 ``(path, reason)`` lines on standard error (paths that are not UTF-8 with \\xNN escapes)."""
+    """Up to 10 ``(path, reason)`` lines on standard error (paths that are not UTF-8 with \\xNN escapes); a
+    reason that starts with its path (an :class:`~reid_ssl.errors.ImageError`'s message) is not printed twice."""
     for path, reason in problems[:10]:
-        print(f"  {label}{display_path(path)}: {reason}", file=sys.stderr)
+        reason = str(reason).removeprefix(f"{path}: ")
+        print(f"  {label}{display_path(path)}: {display_path(reason)}", file=sys.stderr)

@@ -93,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--protocol",
         choices=["reid", "knn", "linear"],
         default=None,
-        help="reid for re-ID datasets (default), knn (default) or linear for classification",
+        help="reid for re-ID datasets (their only protocol); knn or linear for classification datasets "
+        "(default: reid for a re-ID dataset, knn for a classification one)",
     )
     e.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     e.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine", help="default cosine")

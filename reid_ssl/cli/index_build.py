@@ -9,12 +9,14 @@ from reid_ssl.cli.common import (
     add_batch_size_option,
     add_device_option,
     add_json_option,
+    add_parser,
     int_in,
     positive_int,
     print_json,
     print_problems,
     print_table,
     workers,
+    wrap,
 )
 from reid_ssl.console import show_progress
 from reid_ssl.data.datasets import REID_DATASETS
@@ -24,7 +26,21 @@ from reid_ssl.index.types import AUTO_FLAT_MAX, AUTO_IVF_FLAT_FLOATS, INDEX_TYPE
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``index build``."""
-    b = sub.add_parser("build", help="embed a gallery folder (or data set) into a new index (resumable)")
+    b = add_parser(
+        sub,
+        "build",
+        "embed a gallery folder (or data set) into a new index (resumable)",
+        wrap(
+            "Embed every image of a folder (recursively) or of a re-ID data set's gallery with a checkpoint's "
+            "embedder into a new index at --out, choose the FAISS index type, and calibrate the 'no match' "
+            "threshold from Market-style file names. Resumable: a killed build continues from its last finished "
+            "chunk. Runs under torchrun too (torchrun -m reid_ssl.cli index build ...): each rank embeds a shard "
+            "and rank 0 merges them."
+        ),
+        """examples:
+  reid_ssl index build --checkpoint runs/pets09_r18/checkpoint.pt --images pets09 --out runs/pets09_r18/gallery
+  reid_ssl index build --checkpoint C --images crops/ --out IDX --type ivf-flat""",
+    )
     b.add_argument("--checkpoint", required=True, help="reid_ssl checkpoint whose embedder fills the index")
     b.add_argument(
         "--images",

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from reid_ssl.cli.common import (
     add_device_option,
     add_index_option,
     add_json_option,
+    add_parser,
     int_in,
     non_negative_int,
     positive_int,
     print_json,
     print_table,
+    wrap,
 )
-from reid_ssl.errors import InputError, MissingFileError
+from reid_ssl.errors import InputError
+from reid_ssl.fileio import require_file
 from reid_ssl.index.sidecar import display_path
 
 MAX_K = 1000
@@ -29,7 +31,19 @@ MAX_K = 1000
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``index search`` and ``index info``."""
-    s = sub.add_parser("search", help="find the gallery items most similar to query images")
+    s = add_parser(
+        sub,
+        "search",
+        "find the gallery items most similar to query images",
+        wrap(
+            "Embed each query image with the index's own embedder and print its -k most similar gallery items, "
+            "best first, with the 'no match' verdict against the calibrated threshold; when fewer than -k come "
+            "back, why and which option finds more. Read-only: no lock is taken."
+        ),
+        """examples:
+  reid_ssl index search --query crop.jpg
+  reid_ssl index search --index IDX --query q1.jpg q2.jpg -k 20 --exclude-camid 0 --json""",
+    )
     s.add_argument("--query", required=True, nargs="+", help="query image file(s)")
     add_index_option(s)
     s.add_argument("-k", type=int_in(1, MAX_K), default=10, help=f"matches per query, 1..{MAX_K} (default 10)")
@@ -46,7 +60,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_json_option(s)
     s.set_defaults(handler=run_search)
 
-    i = sub.add_parser("info", help="size, type, embedder, calibration and statistics of an index")
+    i = add_parser(
+        sub,
+        "info",
+        "size, type, embedder, calibration and statistics of an index",
+        wrap(
+            "Describe an index: its size, FAISS type and parameters, the embedder (checkpoint, preprocessing) "
+            "that built it, the 'no match' calibration, and counts of identities, cameras and sources."
+        ),
+        "examples:\n  reid_ssl index info\n  reid_ssl index info --index IDX --json",
+    )
     add_index_option(i)
     add_json_option(i)
     i.set_defaults(handler=run_info)
@@ -87,8 +110,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     idx = GalleryIndex.load(args.index)
     for q in args.query:
-        if not Path(q).is_file():
-            raise MissingFileError(f"query image not found: {q}")
+        require_file(q, "query image")
     embedder = load_recorded_embedder(idx.manifest, idx.path, args.checkpoint, args.device)
     res = embedder.embed_images(args.query, batch_size=min(64, len(args.query)))
     if res.failures:

@@ -15,9 +15,11 @@ from reid_ssl.cli.common import (
     add_device_option,
     add_index_option,
     add_json_option,
+    add_parser,
     print_json,
     print_problems,
     print_table,
+    wrap,
 )
 from reid_ssl.console import show_progress
 from reid_ssl.errors import InputError, MissingFileError
@@ -26,7 +28,17 @@ from reid_ssl.index.sidecar import display_path
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``index add``, ``index remove`` and ``index calibrate``."""
-    a = sub.add_parser("add", help="embed more images and add them to an index")
+    a = add_parser(
+        sub,
+        "add",
+        "embed more images and add them to an index",
+        wrap(
+            "Embed image files and folders (recursively) with the index's own embedder and add them under the "
+            "index's writer lock. Files whose path is already indexed are skipped (--allow-duplicates adds them "
+            "again); unreadable images are listed and left out."
+        ),
+        "examples:\n  reid_ssl index add new_crops/\n  reid_ssl index add --index IDX a.jpg b.jpg --json",
+    )
     a.add_argument("paths", nargs="+", help="image files and/or folders (recursive)")
     add_index_option(a)
     a.add_argument("--checkpoint", help="default: the checkpoint that built the index")
@@ -36,14 +48,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_json_option(a)
     a.set_defaults(handler=run_add)
 
-    r = sub.add_parser("remove", help="remove items by id or by path prefix (ids of the rest never change)")
+    r = add_parser(
+        sub,
+        "remove",
+        "remove items by id or by path prefix (ids of the rest never change)",
+        wrap(
+            "Remove gallery items by their ids (as search and info print them) or every item whose file lies "
+            "under a folder. The other items keep their ids."
+        ),
+        "examples:\n  reid_ssl index remove --ids 3 17\n  reid_ssl index remove --index IDX --path-prefix old_crops/",
+    )
     add_index_option(r)
     r.add_argument("--ids", type=int, nargs="*", default=[], help="item ids to remove (as search and info print them)")
     r.add_argument("--path-prefix", help="remove every item whose file lies under this path")
     add_json_option(r)
     r.set_defaults(handler=run_remove)
 
-    c = sub.add_parser("calibrate", help="(re)calibrate the 'no match' threshold from labelled data")
+    c = add_parser(
+        sub,
+        "calibrate",
+        "(re)calibrate the 'no match' threshold from labelled data",
+        wrap(
+            "Calibrate the top-1 score below which search says that nobody in the gallery matches: from a folder "
+            "of Market-named query images, or by leaving each labelled gallery identity out in turn."
+        ),
+        "examples:\n  reid_ssl index calibrate\n  reid_ssl index calibrate --index IDX --queries market/query",
+    )
     add_index_option(c)
     c.add_argument("--queries", help="folder of Market-named query images; default: leave-one-out on the gallery")
     c.add_argument("--checkpoint", help="default: the checkpoint that built the index")
@@ -63,9 +93,9 @@ def run_add(args: argparse.Namespace) -> int:
     snapshot = GalleryIndex.load(args.index)  # embed without holding the writer lock (the app may be adding too)
     embedder = load_recorded_embedder(snapshot.manifest, snapshot.path, args.checkpoint, args.device)
     if not args.allow_duplicates:
-        known = snapshot.ids_for_paths([it.path for it in items])
-        skipped += [(it.path, "already indexed") for it in items if it.path in known]
-        items = [it for it in items if it.path not in known]
+        dup = snapshot.duplicates([it.path for it in items])
+        skipped += [(it.path, "already indexed") for it, d in zip(items, dup, strict=True) if d]
+        items = [it for it, d in zip(items, dup, strict=True) if not d]
     progress = show_progress(json=args.json)
     res = embedder.embed_images([it.path for it in items], batch_size=args.batch_size, progress=progress)
     failures = [(items[i].path, reason) for i, reason in res.failures]
@@ -74,8 +104,7 @@ def run_add(args: argparse.Namespace) -> int:
         ok = [items[i] for i in res.ok]
         fresh = np.ones(len(ok), bool)
         if not args.allow_duplicates and idx.generation != snapshot.generation:  # someone added meanwhile
-            known = idx.ids_for_paths([it.path for it in ok])
-            fresh = np.array([it.path not in known for it in ok], bool)
+            fresh = ~np.array(idx.duplicates([it.path for it in ok]), bool)
             skipped += [(it.path, "already indexed") for it, f in zip(ok, fresh, strict=True) if not f]
         ids = idx.add(res.features[fresh], [it for it, f in zip(ok, fresh, strict=True) if f])
         if len(ids):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from reid_ssl.cli.common import (
@@ -39,16 +40,23 @@ SHARDS_DESCRIPTION = (
     "trained on. Unreadable images are listed in the manifest and left out."
 )
 
-EPILOG = """\
-examples:
+PETS09_EXAMPLES = """\
   reid_ssl prepare pets09 --fetch
+  reid_ssl prepare pets09 --video ~/Downloads/vtest.avi --out data/pets09"""
+
+VIDEO_EXAMPLES = """\
   reid_ssl prepare video lobby.mp4 street.mp4 --camera lobby street --fps 5 --out data/mycams --split
   reid_ssl prepare video frames/ --source-fps 12 --start 60 --end 600 --out data/clip
   reid_ssl prepare video cam.mp4 --out data/cam \\
       --detector fasterrcnn --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth
-  reid_ssl train data.source=video data.root=data/mycams data.positives=bag train.out_dir=runs/mycams
+  reid_ssl train data.source=video data.root=data/mycams data.positives=bag train.out_dir=runs/mycams"""
+
+SHARDS_EXAMPLES = """\
   reid_ssl prepare shards sysu30k --root /data/SYSU-30k --out /data/sysu30k-shards
+  reid_ssl prepare shards video --root data/mycams --out data/mycams-shards --samples-per-shard 500
   reid_ssl train data.source=shards data.root=/data/sysu30k-shards"""
+
+EPILOG = "examples:\n" + "\n".join([PETS09_EXAMPLES, VIDEO_EXAMPLES, SHARDS_EXAMPLES])
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,10 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         EPILOG,
     )
     what = prep.add_subparsers(dest="dataset", metavar="<dataset>", required=True)
-    p = what.add_parser(
+    p = add_parser(
+        what,
         "pets09",
-        help="PETS09-S2L1 from Debian's opencv-doc package",
-        description=wrap(DESCRIPTION.split("\nvideo:")[0]),
+        "PETS09-S2L1 from Debian's opencv-doc package",
+        _sentence(DESCRIPTION.split("\nvideo:")[0].removeprefix("pets09: ")),
+        "examples:\n" + PETS09_EXAMPLES,
     )
     p.add_argument("--video", help="path to vtest.avi (default: data/vtest.avi, then the opencv-doc path)")
     p.add_argument("--fetch", action="store_true", help="download vtest.avi from the Debian package if missing")
@@ -76,12 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_option(p, "the manifest")
     p.set_defaults(handler=run_pets09)
 
-    v = what.add_parser(
+    video_text = DESCRIPTION.split("\nvideo: ")[1].split("\nshards:")[0]
+    v = add_parser(
+        what,
         "video",
-        help="your videos or frame folders -> tracklet bags",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "your videos or frame folders -> tracklet bags",
+        _sentence(video_text)
+        + "\n\ndetectors (--detector):\n"
+        + "\n".join(textwrap.fill(line, 100, subsequent_indent="    ") for line in DETECTORS.describe().splitlines()),
+        "examples:\n" + VIDEO_EXAMPLES,
     )
     v.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FRAME_FOLDER", help="one per camera")
     v.add_argument("--out", required=True, help="output folder")
@@ -95,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--detector",
         default="hog",
         choices=DETECTORS.names(),
-        help=f"person detector (default hog):\n{DETECTORS.describe()}",
+        help="the person detector (default hog; each is described above)",
     )
     v.add_argument("--weights", help="the detector's weights file (torchvision detectors); nothing is downloaded")
     v.add_argument("--min-score", type=float, help="detector score in (0, 1) to keep a box (default: the detector's)")
@@ -111,12 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     from reid_ssl.data.datasets import DATASETS, SSL_SOURCES
 
     sources = [n for n in SSL_SOURCES() if not DATASETS[n].stream]
-    s = what.add_parser(
+    s = add_parser(
+        what,
         "shards",
-        help="any training source -> WebDataset tar shards for streamed, multi-node training",
-        description=wrap(SHARDS_DESCRIPTION),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "any training source -> WebDataset tar shards for streamed, multi-node training",
+        wrap(SHARDS_DESCRIPTION),
+        "examples:\n" + SHARDS_EXAMPLES,
     )
     s.add_argument("source", choices=sources, metavar="SOURCE", help="the training source: " + ", ".join(sources))
     s.add_argument("--root", help="the source's folder (default: its usual place under data/)")
@@ -135,6 +148,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_json_option(s, "the manifest")
     s.set_defaults(handler=run_shards)
+
+
+def _sentence(text: str) -> str:
+    """A description's paragraph, capitalised and filled to 100 columns."""
+    text = " ".join(text.split())
+    return wrap(text[:1].upper() + text[1:])
 
 
 def run_pets09(args: argparse.Namespace) -> int:

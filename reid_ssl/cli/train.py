@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 from reid_ssl.cli.common import add_json_option, add_parser, print_json, print_table
@@ -22,12 +23,24 @@ examples:
   reid_ssl train -c configs/smoke.yaml train.epochs=2 optim.lr=0.1
   reid_ssl train --resume                       # continue <train.out_dir>/checkpoint.pt
   reid_ssl train --resume train.epochs=60       # continue a finished run for more epochs
-  reid_ssl train --print-config                 # the resolved config as YAML
+  reid_ssl train --print-config                 # the resolved config as YAML (with --json: as JSON)
   torchrun --nproc_per_node 2 -m reid_ssl.cli train -c configs/imagenet_r50_paper.yaml"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_parser(sub, "train", "self-supervised pretraining (truncated triplet, BYOL or SimCLR)", DESCRIPTION, EPILOG)
+    from reid_ssl.data.datasets import DATASETS, SSL_SOURCES
+
+    sources = "\n".join(
+        textwrap.fill(
+            f"{n}: {DATASETS[n].description} (data.root default: {DATASETS[n].default_root})",
+            100,
+            initial_indent="  ",
+            subsequent_indent="    ",
+        )
+        for n in SSL_SOURCES()
+    )
+    description = f"{DESCRIPTION}\n\ndata.source, one of (default pets09):\n{sources}"
+    p = add_parser(sub, "train", "self-supervised pretraining (truncated triplet, BYOL or SimCLR)", description, EPILOG)
     p.add_argument("-c", "--config", help="YAML file with overrides of the defaults (reid_ssl/config.py)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides applied after --config")
     p.add_argument(
@@ -45,14 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "different one is refused)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the per-epoch retrieval monitor")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML; JSON with --json) and exit"
+    )
     add_json_option(p, "the summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from reid_ssl.config import explicit_changes, load_config, to_yaml
+    from reid_ssl.config import explicit_changes, load_config, to_dict, to_yaml
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         # `--resume train.epochs=60`: argparse read the override as the optional checkpoint path
@@ -60,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     changes = explicit_changes(args.config, args.overrides) if args.resume else None
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print_json(to_dict(cfg)) if args.json else print(to_yaml(cfg), end="")
         return 0
     setup_logging(json=args.json, quiet=args.quiet)
 

@@ -19,6 +19,7 @@ from numpy.typing import DTypeLike
 from PIL import Image
 
 from reid_ssl.errors import DatasetLayoutError, InputError, MissingFileError
+from reid_ssl.fileio import require_file
 from reid_ssl.images import list_images
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -52,8 +53,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         ValueError: not an IDX file, or truncated.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"IDX file not found: {path}")
+    require_file(path, "IDX file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:

@@ -31,7 +31,7 @@ from typing import Any
 from reid_ssl.data.video.split import SplitProtocol
 from reid_ssl.data.video.track import TrackBox
 from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, DependencyError, InputError, MissingFileError
-from reid_ssl.fileio import sha256_file
+from reid_ssl.fileio import require_file, sha256_file
 
 VIDEO_SHA256 = "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf"
 VIDEO_MEMBER = "./usr/share/doc/opencv-doc/examples/data/vtest.avi"
@@ -71,8 +71,8 @@ def find_video(explicit: str | Path | None = None) -> Path:
     Raises:
         FileNotFoundError: no candidate exists; the message says how to get the file.
     """
-    if explicit is not None and not Path(explicit).is_file():
-        raise MissingFileError(f"PETS09 video not found at the given path {explicit}.")
+    if explicit is not None:
+        require_file(explicit, "PETS09 video", " (the --video path given; no other file is tried)")
     candidates = video_candidates(explicit)
     for path in candidates:
         if path.is_file():

@@ -187,6 +187,18 @@ class GalleryIndex(SearchMixin, PersistenceMixin):
         """``{path: id}`` for the paths that are indexed."""
         return self._sidecar.ids_for_paths(paths)
 
+    def duplicates(self, paths: Sequence[str]) -> list[bool]:
+        """For each path, whether adding it would duplicate an item: the path is indexed already, or comes
+        earlier in ``paths``. The one duplicate rule of ``index add`` and of the app's gallery uploads (whose
+        files are named by their content, so the same image uploaded again has the same path)."""
+        known = set(self.ids_for_paths(list(paths)))
+        seen: set[str] = set()
+        out = []
+        for p in paths:
+            out.append(p in known or p in seen)
+            seen.add(p)
+        return out
+
     def ids_under(self, folder: str | Path) -> list[int]:
         """Ids of the items whose file is ``folder`` or lies under it (``folder`` is resolved)."""
         return self._sidecar.ids_under(str(Path(folder).resolve()))

@@ -66,16 +66,21 @@ def built_spec(manifest: dict[str, Any]) -> IndexSpec | None:
     return IndexSpec(m["type"], m["factory"], m["nprobe"], m["ef_search"], m["rerank"], m["trained_on"])
 
 
-def check_embedder(manifest: dict[str, Any], embedder: Embedder, where: Path | None) -> None:
-    """Raise :class:`EmbedderMismatchError` unless ``embedder`` is the one that built the index at ``where``."""
+def check_embedder(manifest: dict[str, Any], embedder: Embedder, where: Path | None, origin: str = "") -> None:
+    """Raise :class:`EmbedderMismatchError` unless ``embedder`` is the one that built the index at ``where``.
+
+    Args:
+        origin: where ``embedder`` came from, for the message ("--checkpoint X", "the recorded checkpoint X");
+            by default "the embedder in use".
+    """
     info = manifest["embedder"]
     if embedder.fingerprint != info["fingerprint"]:
         raise EmbedderMismatchError(
             f"index {where or '(unsaved)'} was built by embedder {info['fingerprint'][:12]} "
             f"(checkpoint {info.get('checkpoint')}, preprocess {info['preprocess']}, flip {info.get('flip')}); "
-            f"the given one is {embedder.fingerprint[:12]} (preprocess {embedder.preprocess}, flip "
-            f"{getattr(embedder, 'flip', '?')}). Features would not be comparable: use the original "
-            "checkpoint or rebuild the index"
+            f"{origin or 'the embedder in use'} gives embedder {embedder.fingerprint[:12]} (preprocess "
+            f"{embedder.preprocess}, flip {getattr(embedder, 'flip', '?')}). Features would not be comparable: "
+            "use the original checkpoint or rebuild the index"
         )
 
 
@@ -104,7 +109,12 @@ def load_recorded_embedder(
         raise MissingFileError(
             f"{e} (the checkpoint that built {where}); pass --checkpoint with a copy of it"
         ) from None
-    check_embedder(manifest, embedder, where)
+    origin = (
+        f"--checkpoint {checkpoint}"
+        if checkpoint
+        else f"the recorded checkpoint {ckpt}, which has changed since the index was built,"
+    )
+    check_embedder(manifest, embedder, where, origin)
     return embedder
 
 

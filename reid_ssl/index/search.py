@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from reid_ssl.console import plural
 from reid_ssl.errors import InputError
 from reid_ssl.index.sidecar import COLUMNS, GalleryItem
 
@@ -169,13 +170,13 @@ def limit_shortfall(k: int, returned: int, available: int, ntotal: int, filters:
     if returned >= k or returned < available:
         return None
     if available == ntotal:
-        return Shortfall(k, returned, available, "gallery", f"the gallery holds only {ntotal} items")
+        return Shortfall(k, returned, available, "gallery", f"the gallery holds only {plural(ntotal, 'item')}")
     return Shortfall(
         k,
         returned,
         available,
         "filters",
-        f"only {available} of the gallery's {ntotal} items pass the filters (excluded: {filters})",
+        f"only {available} of the gallery's {plural(ntotal, 'item')} pass the filters (excluded: {filters})",
     )
 
 
@@ -222,7 +223,7 @@ class SearchMixin:
     def _excluded(self, exclude_ids: Any, exclude_camid: int | None) -> tuple[np.ndarray, str]:
         """Ids to leave out, and the filters in words."""
         excluded = np.zeros(0, np.int64) if exclude_ids is None else np.asarray(exclude_ids, np.int64).ravel()
-        words = [f"{len(np.unique(excluded))} ids"] if len(excluded) else []
+        words = [plural(len(np.unique(excluded)), "id")] if len(excluded) else []
         if exclude_camid is not None:
             excluded = np.concatenate([excluded, self.ids_where(camid=int(exclude_camid))])
             words.insert(0, f"camid {exclude_camid}")
@@ -280,6 +281,7 @@ class SearchMixin:
                 scores, labels = self._index.search(q, kk, params=kind.search_params(spec, sel, nprobe, ef_search))
         if spec.rerank > 1:
             scores, labels = rerank(q, labels, k, self._ids, self._vectors)
+        scores = np.clip(scores, -1.0, 1.0)  # cosine similarities: float rounding can give 1.0000002
         meta = self.items(sorted({int(i) for i in labels[:, :k].ravel() if i >= 0}))
         available = self.ntotal - int(np.isin(self._ids, excluded).sum()) if len(excluded) else self.ntotal
         out: list[Hits] = []
@@ -310,7 +312,7 @@ class SearchMixin:
         """Brute-force (scores, ids), (Q, k) each, from the stored vectors: the ground truth for tests."""
         q = unit_features(queries, self.dim)
         k = min(k, self.ntotal)
-        sim = q @ np.asarray(self._vectors).T
+        sim = np.clip(q @ np.asarray(self._vectors).T, -1.0, 1.0)
         order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sim, order, 1), self._ids[order]
 

@@ -88,7 +88,9 @@ def test_check_image_refuses_by_header_before_decoding(tmp_path):
     assert "too many pixels" in check_image(png_header_only(tmp_path / "x.png", 10_000, 10_000))
     good = write_person_image(tmp_path / "g.jpg", 1, np.random.default_rng(0))
     assert check_image(good) is None
-    assert "too large" in check_image(good, UploadLimits(max_file_bytes=10))
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 600, 3), np.uint8)).save(big)  # > 1 MB
+    assert "too large" in check_image(big, UploadLimits(max_upload_mb=1))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_find_video_lookup_order(no_video: Path, monkeypatch: pytest.MonkeyPatch
     assert find_video() == Path("data/vtest.avi")
     (no_video / "mine.avi").write_bytes(b"x")
     assert find_video(no_video / "mine.avi") == no_video / "mine.avi"
-    with pytest.raises(FileNotFoundError, match="given path"):
+    with pytest.raises(FileNotFoundError, match=r"PETS09 video not found: .*missing.avi \(the --video path given"):
         find_video(no_video / "missing.avi")
 
 

@@ -79,7 +79,7 @@ def test_a_short_search_blames_the_gallery_or_the_filters_when_they_hold_fewer()
     assert len(row) == 6 and row.shortfall.cause == "gallery" and "only 6 items" in row.shortfall.message
     row = idx.search(np.ones(8), 10, exclude_camid=0, exclude_ids=[1])[0]
     assert len(row) == 3 and (row.shortfall.cause, row.shortfall.available) == ("filters", 3)
-    assert "camid 0" in row.shortfall.message and "1 ids" in row.shortfall.message
+    assert "camid 0" in row.shortfall.message and "1 id)" in row.shortfall.message  # "1 ids" before plural()
     assert row.shortfall.to_dict()["returned"] == 3
     empty = GalleryIndex.create(index_info(8)).search(np.ones(8), 3)[0]
     assert empty == [] and empty.shortfall.cause == "gallery"
