@@ -147,7 +147,7 @@ def test_export_never_replaces_a_file_unasked(capsys, tmp_path, checkpoint) -> N
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     before = copy.read_bytes()
-    for out, message in [(copy, "is the checkpoint being exported"), (notes, "--overwrite"), (tmp_path, "is a folder")]:
+    for out, message in [(copy, "itself"), (notes, "--overwrite"), (tmp_path, "is a folder")]:
         for extra in ([], ["--overwrite"]) if out != tmp_path else ([],):
             code, _, err = run(
                 capsys, "export", "--checkpoint", str(copy), "--to", "reid_ssl", "--out", str(out), *extra
