@@ -11,9 +11,11 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from reid_ssl.errors import AlreadyExistsError, InputError
 
 
 def fsync_path(path: str | Path) -> None:
@@ -67,6 +69,93 @@ def _write_error(path: Path, e: OSError) -> OSError:
     """The same kind of OSError (errno kept), saying which file failed and that the old one is intact."""
     message = f"could not write {path} ({e.strerror or e}); the previous file, if any, is unchanged"
     return OSError(e.errno, message) if e.errno is not None else OSError(message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output contract: nothing that already exists is replaced without --overwrite
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_new_file(path: str | Path, overwrite: bool, option: str = "--out", inputs: Iterable[str | Path] = ()) -> Path:
+    """The file output ``path`` if a command may write it: a new file, or an existing one with ``overwrite``.
+
+    One home of the rule every command follows for a file the user names (or a default puts next to one):
+    an existing file is replaced only with ``--overwrite``, and a file among ``inputs`` (what the command reads)
+    never is. Call it before any expensive work.
+
+    Raises:
+        InputError: ``path`` is a folder, or is one of ``inputs``. AlreadyExistsError: ``path`` exists and
+            ``overwrite`` is off.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder: give a file name, e.g. {path / 'model.pt'}")
+    if not path.exists():
+        return path
+    for source in inputs:
+        if Path(source).exists() and path.samefile(source):
+            raise InputError(f"{option} {path} is the input {source} itself: write the result to another file")
+    if not overwrite:
+        raise AlreadyExistsError(
+            f"{option} {path} already exists: choose another file, or pass --overwrite to replace it"
+        )
+    return path
+
+
+def check_output_folder(
+    folder: str | Path, overwrite: bool, ours: Callable[[Path], bool], what: str, option: str = "--out"
+) -> Path:
+    """The output folder ``folder`` if a command may write into it (the folder counterpart of
+    :func:`check_new_file`).
+
+    Allowed: a folder that does not exist or is empty, one that ``ours(folder)`` says holds this command's own
+    (finished or unfinished) output, and any folder with ``overwrite``. A folder holding anything else (the
+    user's photos, another command's output) is refused, so nothing in it is lost. ``what`` names the command's
+    output in the message (e.g. ``"a prepare video output"``).
+
+    Raises:
+        InputError: ``folder`` is a file. AlreadyExistsError: a non-empty folder of someone else's without
+            ``overwrite``.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder} is a file: give a folder")
+    if overwrite or not folder.exists() or ours(folder) or not any(folder.iterdir()):
+        return folder
+    raise AlreadyExistsError(
+        f"{option} {folder} is not empty and does not hold {what}: choose a new or empty folder, or pass "
+        "--overwrite to write into it (files of the same names are replaced)"
+    )
+
+
+def check_result_file(path: str | Path, options: Mapping[str, Any], overwrite: bool, option: str = "--out") -> None:
+    """Allow rewriting the result file ``path`` only for the same ``options`` (an identical re-run) or with
+    ``overwrite``; ``options`` are compared with the ``"options"`` the existing JSON records.
+
+    Raises:
+        AlreadyExistsError: ``path`` holds a result of other options (or of an older reid_ssl that did not
+            record them), and ``overwrite`` is off.
+    """
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    new = to_jsonable(options)
+    if old == new:
+        return
+    if isinstance(old, dict):
+        diff = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        ]
+        why = "a result of other options (" + "; ".join(diff[:6]) + ")"
+    else:
+        why = "a result whose options are not recorded"
+    raise AlreadyExistsError(
+        f"{path} already holds {why}: pass {option} with another folder to keep both, or --overwrite to replace it"
+    )
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -31,7 +31,9 @@ DESCRIPTION = wrap(
     "Evaluate a checkpoint's frozen features. Re-ID datasets: rank-1/5/10/20, mAP and mINP with torchreid's "
     "protocol; writes <out>/eval_<dataset>.json, cmc_<dataset>.png and ranked-result strips (ranked_<dataset>/, "
     "green = correct, red = wrong), and caches features under <out>/features/. Classification datasets: "
-    "--protocol knn or linear, top-1/top-5, written to <out>/eval_<dataset>_<protocol>.json."
+    "--protocol knn or linear, top-1/top-5, written to <out>/eval_<dataset>_<protocol>.json. Earlier "
+    "results there are replaced only by a re-run with the same checkpoint, dataset and scoring options, or with "
+    "--overwrite."
 )
 EPILOG = """\
 examples:
@@ -97,6 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: reid for a re-ID dataset, knn for a classification one)",
     )
     e.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results of other options in --out (without it only a re-run of the same checkpoint, dataset "
+        "and scoring options rewrites them)",
+    )
     e.add_argument("--metric", choices=["cosine", "euclidean"], default="cosine", help="default cosine")
     e.add_argument(
         "--no-flip",
@@ -183,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             strict=args.strict,
             progress=progress,
             split_options=split_options(args),
+            overwrite=args.overwrite,
         )
     if args.json:
         print_json(result)
@@ -200,8 +209,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _classification(args: argparse.Namespace, checkpoint: Path, protocol: str, progress: bool) -> dict[str, Any]:
     from reid_ssl.eval.classify import evaluate_classification
-    from reid_ssl.fileio import write_json
+    from reid_ssl.fileio import check_result_file, write_json
 
+    out = Path(args.out) if args.out else checkpoint.resolve().parent
+    path = out / f"eval_{args.dataset}_{protocol}.json"
+    keys = ("dataset", "root", "limit_train", "limit_test") + (
+        ("k", "temperature") if protocol == "knn" else ("epochs", "lr")
+    )
+    options = {"checkpoint": str(checkpoint.resolve()), "protocol": protocol, **{k: getattr(args, k) for k in keys}}
+    check_result_file(path, options, args.overwrite)
     result = evaluate_classification(
         checkpoint,
         args.dataset,
@@ -219,8 +235,6 @@ def _classification(args: argparse.Namespace, checkpoint: Path, protocol: str, p
         device=args.device,
         progress=progress,
     )
-    out = Path(args.out) if args.out else checkpoint.resolve().parent
-    path = out / f"eval_{args.dataset}_{protocol}.json"
-    result["json"] = str(path)
+    result["json"], result["options"] = str(path), options
     write_json(path, result)
     return result

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from reid_ssl.cli.common import add_parser, existing_checkpoint, positive_int, print_json, wrap
 from reid_ssl.cli.eval import add_checkpoint_args
-from reid_ssl.errors import InputError
+from reid_ssl.fileio import check_new_file
 
 DESCRIPTION = wrap(
     "torchreid: {'state_dict', 'arch', ...} for torchreid.utils.load_pretrained_weights; torchvision: a ResNet "
@@ -39,14 +38,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = existing_checkpoint(args.checkpoint)
     from reid_ssl.export import export_checkpoint
 
-    out = Path(args.out).expanduser()
-    if out.exists() and out.resolve() == Path(checkpoint).resolve():
-        raise InputError(f"--out {out} is the checkpoint being exported: write the export to another file")
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder: give a file name, e.g. {out / 'model.pt'}")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} already exists: choose another file, or pass --overwrite to replace it")
-    result = export_checkpoint(checkpoint, args.to, args.out, opset=args.opset)
+    out = check_new_file(args.out, args.overwrite, inputs=[checkpoint])
+    result = export_checkpoint(checkpoint, args.to, out, opset=args.opset)
     if args.json:
         print_json(result)
     else:

@@ -47,7 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--seed", type=int, default=0, help="seed of the fine-tuning run (sampling, augmentation, head init)"
     )
-    f.add_argument("--out", help="output checkpoint (default <checkpoint dir>/finetune_<dataset>_<loss>/checkpoint.pt)")
+    f.add_argument(
+        "--out",
+        help="output checkpoint (default <checkpoint dir>/finetune_<dataset>_<loss>/checkpoint.pt); an existing "
+        "file is replaced only with --overwrite, the --checkpoint itself never",
+    )
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out and the eval results next to it")
     f.add_argument("--no-eval", dest="run_eval", action="store_false", help="skip the eval afterwards")
     f.add_argument("--strips", type=int_in(0, 1000), default=8, help="eval: ranked-result strips (default 8)")
     f.set_defaults(handler=run)
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         split_options=split_options(args),
         log=log,
+        overwrite=args.overwrite,
     )
     if args.run_eval:
         from reid_ssl.eval.reid import evaluate_checkpoint
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             num_strips=args.strips,
             split_options=split_options(args),
+            overwrite=args.overwrite,
         )
     if args.json:
         print_json(result)

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a folder of images (recursive), a Market-1501-layout root (gallery = bounding_box_test, "
         f"query/ calibrates the threshold), or a data set name: {', '.join(REID_DATASETS())}",
     )
-    b.add_argument("--out", required=True, help="index folder to create")
+    b.add_argument("--out", required=True, help="index folder to create (new or empty; an unfinished build resumes)")
     b.add_argument("--data-root", default="data", help="where data set names live (default: data)")
     b.add_argument(
         "--type",
@@ -72,7 +72,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_batch_size_option(b)
     b.add_argument("--workers", type=workers, default=0, help="data loader worker processes, 0..64 (default 0)")
     add_device_option(b)
-    b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing index at --out, or build into a folder of other files",
+    )
     b.add_argument("--no-calibrate", action="store_true", help="skip the 'no match' threshold calibration")
     add_json_option(b)
     b.set_defaults(handler=run_build)

@@ -97,7 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "examples:\n" + VIDEO_EXAMPLES,
     )
     v.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FRAME_FOLDER", help="one per camera")
-    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument(
+        "--out", required=True, help="output folder: new, empty, or an earlier prepare video output (resumed)"
+    )
     v.add_argument("--camera", nargs="+", help="camera names, one per input (default: the file names)")
     v.add_argument("--fps", type=positive_float, help="frames per second to process (default: every frame)")
     v.add_argument("--source-fps", type=positive_float, help="frame rate of frame folders (default 25)")
@@ -117,7 +119,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write test (market/) and validation (market_val/) splits of pseudo-identities",
     )
-    v.add_argument("--overwrite", action="store_true", help="replace an output prepared from other inputs or options")
+    v.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output prepared from other inputs or options, or write into a folder of other files",
+    )
     add_json_option(v, "the manifest")
     v.set_defaults(handler=run_video)
 
@@ -139,7 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--samples-per-shard", type=positive_int, default=2000,
         help="images per shard (default 2000); a bag is never split, so shards end at the next bag boundary",
     )  # fmt: skip
-    s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace shards (or any other files) already in --out, as a whole"
+    )
     s.add_argument(
         "--no-verify",
         action="store_true",

@@ -15,13 +15,16 @@ default, i.e. the built-in defaults of reid_ssl/config.py, which configs/pets09_
 Writes <train.out_dir>/checkpoint.pt (every train.checkpoint_every_steps and every epoch, atomically),
 metrics.jsonl, TensorBoard logs and loss_curve.png. A folder holding a checkpoint is never overwritten
 silently: the same run continues (an interrupted run picks up where it stopped), a different one is refused
-unless --overwrite."""
+unless --overwrite. --resume CHECKPOINT continues that run next to the checkpoint (a copied or moved run
+folder continues in place), or in train.out_dir=DIR when given; it never replaces another checkpoint there
+unless --overwrite. --resume with nothing to resume is an error, not a new run."""
 
 EPILOG = """\
 examples:
   reid_ssl train
   reid_ssl train -c configs/smoke.yaml train.epochs=2 optim.lr=0.1
   reid_ssl train --resume                       # continue <train.out_dir>/checkpoint.pt
+  reid_ssl train --resume runs/b/checkpoint.pt  # continue that run, writing into runs/b
   reid_ssl train --resume train.epochs=60       # continue a finished run for more epochs
   reid_ssl train --print-config                 # the resolved config as YAML (with --json: as JSON)
   torchrun --nproc_per_node 2 -m reid_ssl.cli train -c configs/imagenet_r50_paper.yaml"""
@@ -49,13 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         const=True,
         default=False,
         metavar="CHECKPOINT",
-        help="continue from <train.out_dir>/checkpoint.pt, or from the given checkpoint",
+        help="continue from <train.out_dir>/checkpoint.pt, or from the given checkpoint (writing next to it, or into "
+        "train.out_dir=DIR given on the command line); an error when there is nothing to resume",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="start afresh even if <train.out_dir> holds a checkpoint (by default a matching run continues and a "
-        "different one is refused)",
+        "different one is refused); with --resume CHECKPOINT: replace another checkpoint in the output folder",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the per-epoch retrieval monitor")
     p.add_argument(
@@ -74,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         args.overrides, args.resume = [args.resume, *args.overrides], True
     cfg = load_config(args.config, args.overrides)
     changes = explicit_changes(args.config, args.overrides) if args.resume else None
+    if isinstance(args.resume, str) and changes and not any(o.startswith("train.out_dir=") for o in args.overrides):
+        # --resume CHECKPOINT writes next to the checkpoint; only train.out_dir=DIR on the command line moves it
+        # (a -c file's out_dir is where new runs of that recipe go, not where this one is)
+        changes.get("train", {}).pop("out_dir", None)
     if args.print_config:
         print_json(to_dict(cfg)) if args.json else print(to_yaml(cfg), end="")
         return 0

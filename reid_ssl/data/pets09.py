@@ -258,21 +258,22 @@ def build_pets09(
         tracks: defaults to the packaged tracks (:func:`load_tracks`).
         protocol: the split (default: :class:`~reid_ssl.data.video.split.SplitProtocol`'s defaults).
         check_video: require the video's sha256 to be :data:`VIDEO_SHA256`; default: when ``tracks`` is None.
-        overwrite: replace a dataset of another kind that ``out`` holds (an earlier PETS09 build is always
-            rebuilt: it is made again from the video).
+        overwrite: replace a dataset of another kind, or write into a folder of other files, that ``out``
+            holds (an earlier PETS09 build is always rebuilt: it is made again from the video).
 
     Returns:
         The manifest: counts, split counts, ``tracks_sha256``, ``video_sha256`` and the options.
 
     Raises:
         InputError: another video than PETS09's; DatasetLayoutError: tracks beyond the video's end.
-        AlreadyExistsError: ``out`` holds another prepared dataset (``reid_ssl prepare video``'s) and not
-            ``overwrite``.
+        AlreadyExistsError: ``out`` holds another prepared dataset (``reid_ssl prepare video``'s), or files
+            that no prepare wrote, and not ``overwrite``.
     """
     from reid_ssl.data.video.frames import FrameSource
-    from reid_ssl.data.video.prepare import TrackedInput, VideoOptions, publish
+    from reid_ssl.data.video.prepare import TrackedInput, VideoOptions, check_video_output, publish
 
     video, out = Path(video), Path(out)
+    check_video_output(out, overwrite)
     if check_video is None:
         check_video = tracks is None
     tracks = load_tracks() if tracks is None else list(tracks)

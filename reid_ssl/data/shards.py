@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from reid_ssl.data.image_list import ImageList
 from reid_ssl.data.ssl_sources import bag_stats
 from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, ImageError, MissingFileError
-from reid_ssl.fileio import sha256_file, write_json
+from reid_ssl.fileio import check_output_folder, sha256_file, write_json
 from reid_ssl.images import decode_bytes
 
 FORMAT = "reid_ssl.shards"
@@ -67,7 +67,8 @@ def write_shards(
             are listed in the manifest's ``unreadable`` and left out; without it only unreadable files are.
 
     Raises:
-        AlreadyExistsError: ``out`` holds shards (pass ``overwrite``). OSError: a write failed (nothing published).
+        AlreadyExistsError: ``out`` holds shards or other files (pass ``overwrite``, which replaces the folder).
+        OSError: a write failed (nothing published).
     """
     import webdataset as wds
 
@@ -76,6 +77,7 @@ def write_shards(
         raise AlreadyExistsError(
             f"{out} already holds shards; pass --overwrite to replace them, or choose another --out"
         )
+    check_output_folder(out, overwrite, lambda _: False, "shards")  # nothing of anyone else's is deleted unasked
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()

@@ -28,6 +28,7 @@ import torch
 
 from reid_ssl.checkpoint import backbone_block, load_checkpoint, save_checkpoint
 from reid_ssl.errors import DatasetLayoutError, InputError
+from reid_ssl.fileio import check_new_file
 from reid_ssl.images import check_images
 
 FINETUNE_LOSSES = ("softmax", "triplet")
@@ -73,6 +74,7 @@ def finetune(
     device: str | None = None,
     split_options: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the checkpoint's backbone on ``dataset``'s train split; save it as a reid_ssl checkpoint.
 
@@ -84,13 +86,15 @@ def finetune(
         max_steps: stop after this many optimizer steps (smoke runs), whatever ``epochs`` says.
         lr, weight_decay: Adam, torchreid's defaults for ResNet-50 fine-tuning; cosine decay per epoch.
         log: receives one progress line per epoch (and torchreid's own chatter).
+        overwrite: replace an existing ``out`` (never ``checkpoint`` itself); checked before training.
 
     Returns:
         ``{"checkpoint", "steps", "epochs", "history", "num_train_images", "num_train_ids",
         "skipped_train_images", "seconds", ...}``. Train images that fail to decode are skipped and listed.
 
     Raises:
-        InputError: unknown loss, or fewer train images/identities than one batch needs.
+        InputError: unknown loss, fewer train images/identities than one batch needs, or ``out`` is
+            ``checkpoint``. AlreadyExistsError: ``out`` exists and ``overwrite`` is off.
         DatasetLayoutError: no train list (SYSU-30k's test set).
     """
     from reid_ssl.data.datasets import load_split
@@ -99,6 +103,9 @@ def finetune(
         loss, epochs, max_steps, batch_size, lr, weight_decay, num_instances, margin, num_workers, seed
     )
     _check_settings(opt)
+    out_path = check_new_file(
+        out if out is not None else default_output(checkpoint, dataset, opt.loss), overwrite, inputs=[checkpoint]
+    )
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     split = load_split(dataset, root, **(split_options or {}))
@@ -112,7 +119,6 @@ def finetune(
     if chatter.getvalue() and log is not None:
         print(chatter.getvalue(), end="", file=sys.stderr)
     settings = _settings_record(dataset, split, opt, dm.num_train_pids, checkpoint, ckpt["backbone"]["sha256"])
-    out_path = Path(out) if out is not None else default_output(checkpoint, dataset, opt.loss)
     _save(out_path, ckpt, model, settings, step, epoch)
     return {
         "checkpoint": str(out_path),

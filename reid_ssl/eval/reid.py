@@ -15,7 +15,7 @@ from reid_ssl.eval.features import collapse_warning, embed_items, feature_spread
 from reid_ssl.eval.figures import plot_cmc, ranked_strip
 from reid_ssl.eval.metrics import CMC_RANKS, evaluate_rank
 from reid_ssl.eval.rerank import rerank_distances
-from reid_ssl.fileio import write_json
+from reid_ssl.fileio import check_result_file, write_json
 
 if TYPE_CHECKING:
     from reid_ssl.data.reid import ReidSplit
@@ -70,6 +70,7 @@ def evaluate_checkpoint(
     strict: bool = False,
     progress: bool = False,
     split_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a re-ID benchmark; writes ``eval_<dataset>.json``, a CMC PNG and strips.
 
@@ -85,12 +86,16 @@ def evaluate_checkpoint(
         rerank: k-reciprocal re-ranking (dense only; refused where it would not fit).
         strict: raise if any image fails to decode (default: report them in ``"failures"`` and evaluate the
             rest).
+        overwrite: replace results of other options in ``out_dir``. Without it an earlier
+            ``eval_<dataset>.json`` (and its CMC plot and strips) is replaced only by a run of the same checkpoint
+            path, dataset, root and scoring options (``"options"`` in the JSON), checked before any work.
 
     Returns:
         The dict written to the JSON file (rank-1/5/10/20, mAP, mINP, CMC, counts, failures, warnings, files,
         timings).
 
     Raises:
+        AlreadyExistsError: ``out_dir`` holds a result of other options and ``overwrite`` is off.
         CheckpointError, DatasetLayoutError: unusable checkpoint or dataset; ImageError: unreadable images with
         ``strict``; ResourceLimitError: re-ranking that would not fit.
     """
@@ -99,8 +104,13 @@ def evaluate_checkpoint(
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
     split = load_split(dataset, root, **(split_options or {}))
-    embedder, model_info = _load_embedder(checkpoint, device, flip)
     out = Path(out_dir) if out_dir is not None else checkpoint.resolve().parent
+    options = {
+        "checkpoint": str(checkpoint.resolve()), "dataset": dataset, "root": str(Path(split.root).resolve()),
+        "split_options": split_options or {}, "metric": metric, "flip": flip, "rerank": rerank, "max_rank": max_rank,
+    }  # fmt: skip
+    check_result_file(out / f"eval_{dataset}.json", options, overwrite)
+    embedder, model_info = _load_embedder(checkpoint, device, flip)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- features and metrics ------------------------------------------------------------------------
@@ -127,6 +137,7 @@ def evaluate_checkpoint(
         "files": files,
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": options,
     }
     write_json(files["json"], result)
     return result

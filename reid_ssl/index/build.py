@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, InputError
-from reid_ssl.fileio import atomic_write_bytes
+from reid_ssl.fileio import atomic_write_bytes, check_output_folder
 from reid_ssl.index import store
 from reid_ssl.index.gallery import GalleryIndex
 from reid_ssl.index.manifest import embedder_info
@@ -268,13 +268,15 @@ def _publish(
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, or that holds an index without ``overwrite``."""
+    """Refuse an output that is a file, that holds an index, or other files (not an unfinished build of ours),
+    without ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; an index is a folder: choose another output")
     if store.is_index(out) and not overwrite:
         raise AlreadyExistsError(
             f"{out} already holds an index: add to it with `reid_ssl index add`, or rebuild with --overwrite"
         )
+    check_output_folder(out, overwrite, lambda p: (p / store.BUILD_DIR).is_dir(), "an index or an unfinished build")
 
 
 def build_index(

@@ -113,7 +113,8 @@ def train(
     Args:
         resume: continue ``<out_dir>/checkpoint.pt`` (True) or the given checkpoint.
         monitor: called on the main process every ``train.eval_every_epochs`` epochs and at the end.
-        overwrite: start from scratch even if ``out_dir`` holds a checkpoint.
+        overwrite: start from scratch even if ``out_dir`` holds a checkpoint; with ``resume`` a checkpoint path:
+            continue it into an output folder whose other checkpoint is replaced.
         changes: with ``resume``, only these overrides (nested dict) are applied to the stored config.
 
     Raises:

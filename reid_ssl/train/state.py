@@ -21,7 +21,14 @@ from reid_ssl.checkpoint import backbone_block, load_checkpoint, preprocess_from
 from reid_ssl.config import SAFE_ON_RESUME, Config, LossConfig, apply_changes, config_diff, from_dict, to_dict
 from reid_ssl.data.ssl_sources import BagStats
 from reid_ssl.distributed import Dist, all_values
-from reid_ssl.errors import CheckpointError, InputError, MissingFileError, ReidSslError, TrainingError
+from reid_ssl.errors import (
+    AlreadyExistsError,
+    CheckpointError,
+    InputError,
+    MissingFileError,
+    ReidSslError,
+    TrainingError,
+)
 from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
 from reid_ssl.losses.krule import auto_window
 from reid_ssl.models import SSLModel
@@ -156,25 +163,35 @@ class RunPlan:
 def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str, Any] | None = None) -> RunPlan:
     """Decide how a ``train`` call treats the checkpoint in ``cfg.train.out_dir`` (or the one ``resume`` names).
 
-    * No checkpoint there, or ``overwrite``: a fresh run.
+    * No checkpoint there, or ``overwrite`` (without ``resume``): a fresh run.
     * A checkpoint whose config matches ``cfg`` up to :data:`~reid_ssl.config.SAFE_ON_RESUME` keys (more epochs,
       logging, monitor, device, workers): that run continues, with those changes applied and logged. This is
       what makes an interrupted ``make demo`` continue where it stopped.
     * With ``resume`` and ``changes``: the stored config with only ``changes`` applied (the command line's
-      ``-c`` file and ``key=value`` pairs), checked the same way.
+      ``-c`` file and ``key=value`` pairs), checked the same way. The run writes next to the checkpoint it
+      resumes (a copied or moved run folder continues in place), or into ``train.out_dir`` when ``changes``
+      name one; the ``train.out_dir`` stored in the checkpoint is only where the run was trained before.
     * Anything else that differs changes the run's meaning: refused, listing the differences and the way out.
 
+    A run never replaces another checkpoint than the one it resumes (another run's, or a later step of a copy)
+    unless ``overwrite``.
+
     Raises:
-        MissingFileError: ``resume`` names a checkpoint that does not exist.
+        MissingFileError: ``resume`` and no checkpoint where it points. InputError: ``resume=True`` with
+            ``overwrite``. AlreadyExistsError: the output folder holds another checkpoint than the one resumed.
         CheckpointError: the checkpoint belongs to a different run, or cannot be read.
     """
+    if resume is True and overwrite:
+        raise InputError(
+            "--resume continues the checkpoint in train.out_dir and --overwrite replaces it with a new run: pass "
+            "one of them (--resume CHECKPOINT --overwrite continues CHECKPOINT into a train.out_dir it may replace)"
+        )
     path = Path(cfg.train.out_dir) / CHECKPOINT_NAME if not isinstance(resume, str) else Path(resume)
-    if isinstance(resume, str) and not path.is_file():
-        raise MissingFileError(f"--resume: no checkpoint at {path}")
-    if overwrite or not path.is_file():
+    if resume and not path.is_file():
+        how = "" if isinstance(resume, str) else ", or name the checkpoint: --resume PATH"
+        raise MissingFileError(f"--resume: nothing to resume at {path}; drop --resume to start a new run{how}")
+    if not resume and (overwrite or not path.is_file()):
         notes = [f"--overwrite: starting afresh; {path} will be replaced"] if overwrite and path.is_file() else []
-        if resume is True and not path.is_file():
-            notes.append(f"--resume: no checkpoint at {path} yet, starting afresh")
         return RunPlan(cfg, notes=notes)
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "rng" not in ckpt:
@@ -183,8 +200,17 @@ def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str
             "or --overwrite to replace it"
         )
     stored = from_dict(ckpt["config"])
-    requested = apply_changes(stored, changes) if (resume and changes is not None) else cfg
-    diffs = config_diff(stored, requested)
+    if resume and changes is not None:
+        requested = apply_changes(stored, changes)
+        named = "out_dir" in (changes.get("train") or {})
+        out_dir = requested.train.out_dir if named else str(path.parent)
+    else:
+        requested, out_dir = cfg, cfg.train.out_dir
+    # where the run writes is not part of what it trains: compare the configs as if both were here
+    requested = dataclasses.replace(requested, train=dataclasses.replace(requested.train, out_dir=out_dir))
+    diffs = config_diff(
+        dataclasses.replace(stored, train=dataclasses.replace(stored.train, out_dir=out_dir)), requested
+    )
     unsafe = [k for k in diffs if k not in SAFE_ON_RESUME]
     if unsafe:
         listed = "; ".join(f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in unsafe[:8])
@@ -196,6 +222,16 @@ def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str
         )
     applied = [f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in diffs]
     notes = [f"continuing {path} (step {ckpt['step']})"] + [f"changed on resume: {c}" for c in applied]
+    if Path(out_dir).resolve() != Path(stored.train.out_dir).resolve():
+        notes.append(f"writing to {out_dir} (the run was trained in {stored.train.out_dir} before)")
+    target = Path(out_dir) / CHECKPOINT_NAME
+    if target.exists() and not target.samefile(path):
+        if not overwrite:
+            raise AlreadyExistsError(
+                f"{target} holds another checkpoint than the one resumed ({path}): resume into a new "
+                "train.out_dir, or pass --overwrite to replace it"
+            )
+        notes.append(f"--overwrite: {target} will be replaced")
     return RunPlan(requested, ckpt, path, applied, notes)
 
 

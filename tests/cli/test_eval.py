@@ -147,7 +147,7 @@ def test_export_never_replaces_a_file_unasked(capsys, tmp_path, checkpoint) -> N
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     before = copy.read_bytes()
-    for out, message in [(copy, "is the checkpoint being exported"), (notes, "--overwrite"), (tmp_path, "is a folder")]:
+    for out, message in [(copy, "itself"), (notes, "--overwrite"), (tmp_path, "is a folder")]:
         for extra in ([], ["--overwrite"]) if out != tmp_path else ([],):
             code, _, err = run(
                 capsys, "export", "--checkpoint", str(copy), "--to", "reid_ssl", "--out", str(out), *extra
@@ -198,3 +198,33 @@ def test_finetune_cli_then_eval(capsys, tmp_path, checkpoint, market_tree) -> No
         "64",
     )
     assert code == 2 and "identities" in err
+
+
+def test_finetune_never_replaces_its_input_or_an_existing_out(capsys, tmp_path, checkpoint, market_tree) -> None:
+    """The user test: `finetune --out X/checkpoint.pt` with X/checkpoint.pt the --checkpoint replaced it."""
+    copy = tmp_path / "ck.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    common = ["finetune", "--checkpoint", str(copy), "--dataset", "market-layout", "--root", str(market_tree)]
+    common += ["--train-batch-size", "8", "--max-steps", "1", "--no-eval"]
+    for out, extra, message in [(copy, [], "itself"), (copy, ["--overwrite"], "itself"), (notes, [], "--overwrite")]:
+        code, _, err = run(capsys, *common, "--out", str(out), *extra)
+        assert code == 2 and message in err, err
+    assert copy.read_bytes() == checkpoint.read_bytes() and notes.read_text() == "my notes"
+    code, _, err = run(capsys, *common, "--out", str(notes), "--overwrite")
+    assert code == 0, err
+
+
+def test_eval_keeps_results_of_other_options(capsys, tmp_path, checkpoint, market_tree) -> None:
+    """The user test: a second `eval --rerank` replaced the first eval's JSON; an identical re-run may rewrite."""
+    argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "market-layout", "--root", str(market_tree)]
+    argv += ["--out", str(tmp_path / "o"), "--strips", "0"]
+    assert run(capsys, *argv)[0] == 0
+    first = (tmp_path / "o" / "eval_market-layout.json").read_text()
+    code, _, err = run(capsys, *argv, "--rerank")
+    assert code == 2 and "rerank: False -> True" in err and "--overwrite" in err
+    assert (tmp_path / "o" / "eval_market-layout.json").read_text() == first
+    assert run(capsys, *argv)[0] == 0  # the same options again
+    assert run(capsys, *argv, "--rerank", "--overwrite")[0] == 0
+    assert json.loads((tmp_path / "o" / "eval_market-layout.json").read_text())["rerank"] is True

@@ -20,7 +20,7 @@ BAD_INPUT = [
     (["train", "-c", SMOKE, "data.root={tree}", "train.batch_size=-4"], "batch_size >= 2"),
     (["train", "-c", SMOKE, "data.root={tree}/query", "train.batch_size=100000000"], "fewer than one batch"),
     (["train", "-c", "{missing}.yaml"], "config file not found"),
-    (["train", "--resume", "{missing}.pt"], "no checkpoint at"),
+    (["train", "--resume", "{missing}.pt"], "nothing to resume at"),
     (["train", "-c", SMOKE, "model.backbone=resnet9000"], "is not one of"),
     # eval / finetune / export
     (["eval", "--checkpoint", "{ckpt}", "--dataset", "mnist"], "invalid choice: 'mnist'"),

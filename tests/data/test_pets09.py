@@ -288,3 +288,15 @@ def test_real_split_counts_and_histogram_baseline(real_video: Path, tmp_path: Pa
     # JPEG coding may differ a little between builds of libjpeg; the ranking barely moves.
     assert result["rank1"] == pytest.approx(0.473, abs=0.05)
     assert result["mAP"] == pytest.approx(0.363, abs=0.05)
+
+
+def test_build_pets09_never_writes_into_a_folder_of_other_files(
+    tmp_path: Path, synthetic_video: tuple[Path, list[TrackBox]]
+) -> None:
+    video, tracks = synthetic_video
+    out = tmp_path / "photos"
+    (out / "train" / "myphotos").mkdir(parents=True)
+    (out / "train" / "myphotos" / "holiday.jpg").write_bytes(b"my holiday")
+    with pytest.raises(AlreadyExistsError, match="not empty"):
+        build_pets09(video, out, tracks)
+    assert sorted(p.name for p in out.rglob("*")) == ["holiday.jpg", "myphotos", "train"]

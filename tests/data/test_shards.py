@@ -169,3 +169,13 @@ def test_cli_prepare_shards_then_train(bags: Path, tmp_path: Path, capsys) -> No
     rows = np.loadtxt(run / "samples-rank0.csv", delimiter=",", skiprows=1, dtype=np.int64)
     for epoch in (0, 1):
         assert sorted(rows[rows[:, 0] == epoch, 1].tolist()) == list(range(60))  # each image once per epoch
+
+
+def test_a_folder_of_other_files_is_refused_not_deleted(bags: Path, tmp_path: Path) -> None:
+    """Without --overwrite shards never replace a folder they did not write (it used to be deleted whole)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(AlreadyExistsError, match="not empty"):
+        write_shards(scan_folder(bags), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
+    assert write_shards(scan_folder(bags), tmp_path / "mine", overwrite=True)["samples"] == 60

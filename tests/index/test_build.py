@@ -212,3 +212,18 @@ def test_a_type_too_big_for_the_gallery_is_built_exact_and_says_so(tmp_path, che
         load_embedder(checkpoint, device="cpu"), gallery_source(image_folder), tmp_path / "auto", BuildOptions()
     )
     assert auto["note"] is None
+
+
+def test_build_refuses_a_folder_of_other_files(tmp_path, checkpoint, image_folder):
+    """`index build --out` on a folder of someone else's files (photos, a prepared dataset) is refused unasked."""
+    from reid_ssl.errors import AlreadyExistsError
+
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"my holiday")
+    embedder = load_embedder(checkpoint, device="cpu")
+    with pytest.raises(AlreadyExistsError, match="not empty"):
+        build_index(embedder, gallery_source(image_folder), out)
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+    res = build_index(embedder, gallery_source(image_folder), out, BuildOptions(overwrite=True))
+    assert res["n_indexed"] > 0 and (out / "holiday.jpg").read_bytes() == b"my holiday"

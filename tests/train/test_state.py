@@ -49,3 +49,63 @@ def test_auto_window_without_identities_or_bags_keeps_the_configured_window_and_
     assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
     given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
     assert "note" not in info and given.k_lo == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a resumed run writes, and what it may replace (plan_run)
+# ---------------------------------------------------------------------------------------------------------
+
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+
+
+def _train(capsys, images: Path, out: Path | None, *extra: str) -> tuple[int, str]:
+    from reid_ssl.cli import main
+
+    argv = ["train", "-c", SMOKE, f"data.root={images}", "model.multires=false", "--no-eval", "-q", *extra]
+    code = main([*argv, f"train.out_dir={out}"] if out is not None else argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_resume_writes_next_to_the_checkpoint_and_never_replaces_another(tmp_path: Path, capsys) -> None:
+    """The user test: `train --resume runs/b/checkpoint.pt` (a copy of runs/a's) wrote into runs/a, replacing its
+    later checkpoint, metrics and config; the copied folder resumed under its own name was refused."""
+    import shutil
+
+    from reid_ssl.checkpoint import load_checkpoint
+
+    images = _bags(tmp_path / "images", n_bags=8)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(capsys, images, a, "train.max_steps=2")[0] == 0
+    b.mkdir()
+    shutil.copy(a / "checkpoint.pt", b / "checkpoint.pt")
+    assert _train(capsys, images, a, "train.max_steps=4", "--resume")[0] == 0  # runs/a moves on to step 4
+    before = {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()}
+
+    code, _ = _train(capsys, images, None, "--resume", str(b / "checkpoint.pt"), "train.max_steps=3")
+    assert code == 0 and load_checkpoint(b / "checkpoint.pt")["step"] == 3 and (b / "metrics.csv").is_file()
+    assert {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()} == before  # runs/a untouched
+
+    # into a folder holding another checkpoint: refused, unless --overwrite
+    code, err = _train(capsys, images, a, "--resume", str(b / "checkpoint.pt"), "train.max_steps=5")
+    assert code == 2 and "holds another checkpoint" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()} == before
+
+    # the copied folder resumes in place under its own name (its stored out_dir is runs/a)
+    code, err = _train(capsys, images, b, "--resume", "train.max_steps=5")
+    assert code == 0, err
+    assert load_checkpoint(b / "checkpoint.pt")["step"] == 5
+    code, out = _train(capsys, images, b, "--resume", "train.max_steps=5")  # finished: nothing to do
+    assert code == 0 and "nothing to do" in out
+    code, err = _train(capsys, images, b, "train.max_steps=5", "optim.lr=0.2")  # another run in the same folder
+    assert code == 2 and "differs in what it trains" in err and "optim.lr" in err and "train.out_dir:" not in err
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path, capsys) -> None:
+    """A mistyped train.out_dir with --resume used to start a whole new run."""
+    images = _bags(tmp_path / "images", n_bags=8)
+    code, err = _train(capsys, images, tmp_path / "typo", "--resume")
+    assert code == 2 and "nothing to resume at" in err and "drop --resume" in err
+    assert not (tmp_path / "typo").exists()
+    code, err = _train(capsys, images, tmp_path / "typo", "--resume", "--overwrite")
+    assert code == 2 and "--overwrite" in err and not (tmp_path / "typo").exists()

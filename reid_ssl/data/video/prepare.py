@@ -43,7 +43,7 @@ from reid_ssl.data.video.sheets import CropJobs, contact_sheet, write_crops
 from reid_ssl.data.video.split import SplitProtocol, split_counts, split_tracklets
 from reid_ssl.data.video.track import TrackBox, TrackerOptions, bytetrack, cut_uncertain, track_stats
 from reid_ssl.errors import AlreadyExistsError, InputError, VideoError
-from reid_ssl.fileio import atomic_write_bytes, display, write_json
+from reid_ssl.fileio import atomic_write_bytes, check_output_folder, display, write_json
 
 FORMAT = "reid_ssl.video-bags"
 WORK = ".work"
@@ -171,7 +171,29 @@ def _input_key(item: TrackedInput, opt: VideoOptions) -> str:
     return hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()[:16]
 
 
+def is_video_output(out: Path) -> bool:
+    """Whether ``out`` holds this pipeline's output: published (its manifest) or unfinished (its ``.work/``)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return (out / WORK).is_dir()
+    if not isinstance(manifest, dict):
+        return False  # PETS09 builds from before the shared publish step record only their dataset
+    return manifest.get("format") == FORMAT or str(manifest.get("dataset", "")).startswith("PETS09")
+
+
+def check_video_output(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` holding anything but this pipeline's own output, unless ``overwrite`` (one rule with
+    every command: :func:`~reid_ssl.fileio.check_output_folder`).
+
+    Raises:
+        AlreadyExistsError: a non-empty folder of someone else's (photos, an index, shards...); InputError: a file.
+    """
+    check_output_folder(out, overwrite, is_video_output, "a prepared video dataset (manifest.json or .work/)")
+
+
 def _check_target(out: Path, digest: str, overwrite: bool) -> None:
+    check_video_output(out, overwrite)
     manifest = out / "manifest.json"
     if not manifest.is_file() or overwrite:
         return

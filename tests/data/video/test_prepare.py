@@ -128,3 +128,44 @@ def test_a_start_past_the_end_names_the_file_and_its_length(tmp_path: Path, colo
     ) as err:
         prepare_video([path], tmp_path / "out", options=options)
     assert path.name in str(err.value) and not (tmp_path / "out").exists()
+
+
+def _user_folder(out: Path) -> dict[Path, bytes]:
+    """A folder of someone else's files whose names collide with what prepare video writes."""
+    files = {
+        out / "train" / "myphotos" / "holiday.jpg": b"my holiday",
+        out / "market" / "query" / "notes.txt": b"my notes",
+        out / "tracks.csv": b"my,tracks\n",
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def test_a_folder_of_other_files_is_refused_not_emptied(tmp_path: Path, colour_detector) -> None:
+    """The user test: `prepare video ... --out DIR --split` on a folder of photos deleted them; and an index."""
+    video = write_video(tmp_path / "cam.avi", 40)
+    files = _user_folder(tmp_path / "photos")
+    with pytest.raises(AlreadyExistsError, match=r"not empty.*--overwrite"):
+        prepare_video([video], tmp_path / "photos", options=dataclasses.replace(OPTIONS, split=True))
+    assert {p: p.read_bytes() for p in files} == files and not (tmp_path / "photos" / ".work").exists()
+    index = tmp_path / "gallery"
+    index.mkdir()
+    (index / "CURRENT").write_text("gen-00000001\n")
+    with pytest.raises(AlreadyExistsError, match="not empty"):
+        prepare_video([video], index, options=OPTIONS)
+    assert sorted(p.name for p in index.iterdir()) == ["CURRENT"]
+    (tmp_path / "empty").mkdir()
+    assert prepare_video([video], tmp_path / "empty", options=OPTIONS)["counts"]["tracks"] >= 1  # empty: fine
+    replaced = prepare_video([video], tmp_path / "photos", options=OPTIONS, overwrite=True)  # asked for
+    assert replaced["counts"]["tracks"] >= 1 and (tmp_path / "photos" / "manifest.json").is_file()
+
+
+def test_its_own_unfinished_output_resumes(tmp_path: Path, colour_detector) -> None:
+    """A killed run (only .work/ written) continues; the same options on a finished output reuse it."""
+    video = write_video(tmp_path / "cam.avi", 40)
+    first = prepare_video([video], tmp_path / "out", options=OPTIONS)
+    (tmp_path / "out" / "manifest.json").unlink()  # as if killed while publishing
+    assert prepare_video([video], tmp_path / "out", options=OPTIONS)["counts"] == first["counts"]
+    assert prepare_video([video], tmp_path / "out", options=OPTIONS)["counts"] == first["counts"]
