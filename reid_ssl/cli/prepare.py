@@ -11,6 +11,7 @@ from reid_ssl.cli.common import (
     add_json_option,
     add_parser,
     non_negative_float,
+    open_unit_float,
     positive_float,
     positive_int,
     print_json,
@@ -98,7 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"person detector (default hog):\n{DETECTORS.describe()}",
     )
     v.add_argument("--weights", help="the detector's weights file (torchvision detectors); nothing is downloaded")
-    v.add_argument("--min-score", type=float, help="detector score in (0, 1) to keep a box (default: the detector's)")
+    v.add_argument(
+        "--min-score", type=open_unit_float, help="detector score in (0, 1) to keep a box (default: the detector's)"
+    )
     v.add_argument(
         "--split",
         action="store_true",
