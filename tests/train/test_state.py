@@ -55,7 +55,7 @@ def test_auto_window_without_identities_or_bags_keeps_the_configured_window_and_
         loss, info = resolve_deputy_window(cfg, bag_stats(items), 63)
         assert (loss.k_lo, loss.k_hi) == (2, 10) and "p_true_negative" not in info and "identities" not in info
         assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
-        fixed, info = resolve_deputy_window(load_config(None, ["loss.k=fixed"]), bag_stats(items), 63)
+        _, info = resolve_deputy_window(load_config(None, ["loss.k=fixed"]), bag_stats(items), 63)
         assert "identities" not in info and "note" not in info  # no "1 identities, P = 0.000" line
         given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
         assert "note" not in info and given.k_lo == 2
