@@ -13,6 +13,7 @@ types. The paper-scale settings are in ``configs/imagenet_r50_paper.yaml`` and `
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +214,15 @@ def _literal_choices(cfg: Config) -> dict[str, tuple[Any, ...]]:
 
 
 def validate(cfg: Config) -> Config:
-    """Check choices and ranges; raises :class:`ConfigError` naming the key."""
-    flat = to_dict(cfg)
+    """Check choices and ranges; raises :class:`ConfigError` naming the key. Every number must be finite
+    (:mod:`reid_ssl.overrides` refuses inf and nan where values enter; this catches a Config built in code)."""
+    flat, a = to_dict(cfg), cfg.augment
+    for section, values in flat.items():
+        for name, value in values.items():
+            if any(
+                isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])
+            ):
+                raise ConfigError(f"{section}.{name}={value!r}: expects a finite number")
     for key, choices in {**_registry_choices(), **_literal_choices(cfg)}.items():
         section, name = key.split(".")
         if flat[section][name] not in choices:
@@ -233,13 +241,34 @@ def validate(cfg: Config) -> Config:
             0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1] <= 1,
             "augment.crop_scale must be 0 < lo <= hi <= 1",
         ),
+        (
+            0 < cfg.augment.crop_ratio[0] <= cfg.augment.crop_ratio[1],
+            "augment.crop_ratio must be 0 < lo <= hi",
+        ),
+        (
+            all(
+                0 <= p <= 1
+                for p in (a.flip, a.jitter_prob, a.grayscale, a.blur_a, a.blur_b, a.solarize_a, a.solarize_b)
+            ),
+            "augment.flip, jitter_prob, grayscale, blur_a/b and solarize_a/b are probabilities in [0, 1]",
+        ),
+        (
+            min(a.brightness, a.contrast, a.saturation) >= 0 and 0 <= a.hue <= 0.5,
+            "augment.brightness, contrast and saturation must be >= 0 and augment.hue in [0, 0.5]",
+        ),
         (1 <= cfg.loss.k_lo <= cfg.loss.k_hi, "loss.k_lo and loss.k_hi need 1 <= k_lo <= k_hi"),
         (
             0 < cfg.loss.k_confidence < 1 and cfg.loss.identities >= 0,
             "loss.k_confidence in (0, 1), loss.identities >= 0",
         ),
         (cfg.loss.gamma > 0 and cfg.loss.temperature > 0, "loss.gamma and loss.temperature must be > 0"),
+        (cfg.loss.margin >= 0, "loss.margin must be >= 0"),
         (cfg.optim.lr > 0 and cfg.optim.weight_decay >= 0, "optim.lr must be > 0 and weight_decay >= 0"),
+        (
+            0 <= cfg.optim.momentum < 1 and cfg.optim.trust_coefficient > 0,
+            "optim.momentum must be in [0, 1) and optim.trust_coefficient > 0",
+        ),
+        (0 < cfg.optim.warmup_start_factor <= 1, "optim.warmup_start_factor must be in (0, 1]"),
         (
             0 <= cfg.optim.ema_start <= cfg.optim.ema_end <= 1,
             "optim.ema_start/ema_end need 0 <= start <= end <= 1",

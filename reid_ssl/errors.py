@@ -55,7 +55,8 @@ class CheckpointError(ReidSslError, ValueError):
 
 
 class TrainingError(ReidSslError, RuntimeError):
-    """Training cannot go on (bad images with ``data.bad_images=fail``, a diverged loss...): the run failed."""
+    """Training cannot go on (a diverged loss, a resumed model that does not fit): the run failed. (An unreadable
+    image under ``data.bad_images=fail`` is bad input: :class:`ImageError`.)"""
 
     exit_code = 1
 

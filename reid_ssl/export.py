@@ -15,12 +15,39 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from reid_ssl.errors import CheckpointError
+from reid_ssl.errors import CheckpointError, InputError
 from reid_ssl.fileio import atomic_write_bytes
 from reid_ssl.registry import Registry
 
 Writer = Callable[[dict[str, Any], Path, "int | None"], None]
 EXPORT_FORMATS: Registry[Writer] = Registry("export format")
+
+# torch's ONNX exporter implements its operators from this opset on; a lower one needs ONNX's version converter,
+# which fails on common layers (ReduceMean's axes) and then keeps 18, so it is refused up front
+LOWEST_ONNX_OPSET = 18
+
+
+def onnx_opset_range() -> tuple[int, int]:
+    """The opsets ``export --to onnx --opset`` can write: from :data:`LOWEST_ONNX_OPSET` to the newest the
+    installed ``onnx`` package knows."""
+    from onnx import defs
+
+    return LOWEST_ONNX_OPSET, int(defs.onnx_opset_version())
+
+
+def check_opset(to: str, opset: int | None) -> None:
+    """Refuse an ``opset`` that the export to format ``to`` cannot honour, before anything is written.
+
+    Raises:
+        InputError: ``opset`` given for another format than onnx, or outside :func:`onnx_opset_range`.
+    """
+    if opset is None:
+        return
+    if to != "onnx":
+        raise InputError(f"--opset {opset} applies to --to onnx only, not --to {to}: leave it out")
+    lo, hi = onnx_opset_range()
+    if not lo <= opset <= hi:
+        raise InputError(f"--opset {opset}: the ONNX exporter writes opsets {lo}..{hi}; choose one of them")
 
 
 def _checkpoint_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -134,6 +161,12 @@ def _to_onnx(ckpt: dict[str, Any], out: Path, opset: int | None) -> None:
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset and written != opset:  # the exporter falls back to its own opset when a conversion fails
+        raise InputError(
+            f"--opset {opset}: the ONNX exporter could not convert this model to opset {opset} (it produced "
+            f"{written}); nothing was written to {out}. Choose another --opset, or leave it out"
+        )
     meta = {
         "reid_ssl.backbone": ckpt["backbone"]["name"],
         "reid_ssl.sha256": ckpt["backbone"]["sha256"],
@@ -161,10 +194,12 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, opset: i
 
     Raises:
         UnknownNameError: unknown format; CheckpointError: the checkpoint cannot be read or converted.
+        InputError: an ``opset`` that format ``to`` cannot write (:func:`check_opset`).
     """
     from reid_ssl.checkpoint import load_checkpoint
 
     writer = EXPORT_FORMATS[to]
+    check_opset(to, opset)
     out = Path(out)
     ckpt = load_checkpoint(checkpoint)
     writer(ckpt, out, opset)

@@ -177,9 +177,10 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def json_text(obj: Any) -> str:
-    """``obj`` as indented JSON text (via :func:`to_jsonable`), ending with a newline."""
-    return json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as JSON text (via :func:`to_jsonable`: never a ``NaN``/``Infinity`` token, which is not JSON),
+    ending with a newline; ``indent=None`` gives one line (a ``.jsonl`` record)."""
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n"
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

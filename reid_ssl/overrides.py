@@ -7,6 +7,7 @@ or a value of the wrong type is a :class:`~reid_ssl.errors.ConfigError` that nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +37,10 @@ def _to_int(value: Any) -> int:
 def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a number")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):  # inf would train on (NaN weights, NaN in metrics.jsonl); nan fails every range
+        raise ValueError("a finite number")
+    return number
 
 
 def _to_str(value: Any) -> str:
@@ -50,7 +54,7 @@ def _to_str(value: Any) -> str:
 _SCALARS: dict[Any, tuple[Any, str]] = {
     bool: (_to_bool, "true/false"),
     int: (_to_int, "an integer"),
-    float: (_to_float, "a number"),
+    float: (_to_float, "a finite number"),
     str: (_to_str, "a string"),
 }
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 
-from reid_ssl.config import BYOL_AUGMENT, Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from reid_ssl.config import (
+    BYOL_AUGMENT,
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    validate,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -68,7 +78,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     [
         ("train.epochs=three", "expects an integer"),
         ("train.epochs=1.5", "expects an integer"),
-        ("optim.lr=fast", "expects a number"),
+        ("optim.lr=fast", "expects a finite number"),
         ("model.multires=maybe", "true/false"),
         ("model.multires_online=[1, 2, 3]", "list of 2"),
         ("loss.name=triplet", "not one of"),
@@ -77,6 +87,20 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("model.target=shared", "only makes sense"),
         ("train.epochs", "section.key=value"),
         ("epochs=3", "section.key"),
+        # every float is finite: inf used to train on and write NaN weights and "lr": NaN
+        ("optim.lr=inf", "expects a finite number"),
+        ("optim.lr=.inf", "expects a finite number"),
+        ("optim.lr=nan", "expects a finite number"),
+        ("loss.margin=-inf", "expects a finite number"),
+        ("augment.crop_ratio=[0.5, .inf]", "expects a finite number"),
+        ("optim.warmup_epochs=inf", "expects a finite number"),
+        # and in range
+        ("augment.flip=1.5", "are probabilities in"),
+        ("augment.hue=0.9", "and augment.hue in"),
+        ("augment.crop_ratio=[2, 1]", "crop_ratio"),
+        ("optim.momentum=1.5", "optim.momentum"),
+        ("optim.warmup_start_factor=0", "warmup_start_factor"),
+        ("loss.margin=-1", "loss.margin"),
     ],
 )
 def test_bad_values_are_clear_errors(override, message):
@@ -133,3 +157,10 @@ def test_a_config_file_that_is_not_utf8_is_a_clear_error(tmp_path):
     f.write_bytes("train:\n  out_dir: r\xe9sultats\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"not a UTF-8 text file.*save it as UTF-8"):
         load_config(f)
+
+
+def test_a_config_built_in_code_with_a_non_finite_number_is_refused():
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=math.inf))
+    with pytest.raises(ConfigError, match=r"optim.lr=inf: expects a finite number"):
+        validate(cfg)

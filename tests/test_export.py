@@ -19,9 +19,10 @@ from reid_ssl.checkpoint import (
 )
 from reid_ssl.data.torchreid_bridge import import_torchreid
 from reid_ssl.embedder import backbone_from_checkpoint, load_embedder
+from reid_ssl.errors import InputError
 from reid_ssl.export import build_torchreid_model, export_checkpoint
 from reid_ssl.models import SSLModel, build_backbone
-from tests.helpers import write_checkpoint
+from tests.helpers import run_cli, write_checkpoint
 
 
 def test_bridge_weights_and_forward_equal(checkpoint: Path) -> None:
@@ -122,3 +123,30 @@ def test_export_slim_checkpoint_and_errors(tmp_path: Path) -> None:
     not_a_checkpoint.write_bytes(b"hello")
     with pytest.raises(CheckpointError):
         export_checkpoint(not_a_checkpoint, "onnx", tmp_path / "y.onnx")
+
+
+def test_onnx_opset_is_checked_up_front_and_honoured(tmp_path: Path, checkpoint: Path, monkeypatch) -> None:
+    import onnx
+
+    import reid_ssl.export as export
+
+    for opset, message in ((99, r"writes opsets 18\.\.\d+"), (7, r"writes opsets 18\.\.")):
+        with pytest.raises(InputError, match=rf"--opset {opset}: the ONNX exporter {message}"):
+            export_checkpoint(checkpoint, "onnx", tmp_path / "m.onnx", opset=opset)
+    with pytest.raises(InputError, match="applies to --to onnx only"):
+        export_checkpoint(checkpoint, "torchvision", tmp_path / "m.pt", opset=18)
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.pt").exists()
+    export_checkpoint(checkpoint, "onnx", tmp_path / "m.onnx", opset=20)
+    assert [o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain == ""] == [20]
+    # an opset the exporter cannot convert to (it falls back to its own): refused, nothing written
+    monkeypatch.setattr(export, "onnx_opset_range", lambda: (1, 99))
+    with pytest.raises(InputError, match="could not convert this model to opset 17"):
+        export_checkpoint(checkpoint, "onnx", tmp_path / "old.onnx", opset=17)
+    assert not [p.name for p in tmp_path.iterdir() if "old" in p.name]
+
+
+def test_export_cli_refuses_a_bad_opset_with_exit_code_2(tmp_path: Path, checkpoint: Path) -> None:
+    code, out, err = run_cli(
+        ["export", "--checkpoint", str(checkpoint), "--to", "onnx", "--opset", "99", "--out", str(tmp_path / "m.onnx")]
+    )
+    assert code == 2 and "--opset 99" in err and "exported" not in out and not (tmp_path / "m.onnx").exists()

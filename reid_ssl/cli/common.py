@@ -109,6 +109,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def open_unit_float(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (a probability or score threshold; nan and inf refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
 non_negative_int = int_in(0, 2**31 - 1)
 batch_size = int_in(1, 4096)
 workers = int_in(0, 64)

@@ -30,13 +30,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--to", required=True, choices=EXPORT_FORMATS.names(), help=EXPORT_FORMATS.describe())
     x.add_argument("--out", required=True, help="output file (an existing one is replaced only with --overwrite)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    x.add_argument("--opset", type=positive_int, help="onnx: opset version (default: the exporter's)")
+    x.add_argument(
+        "--opset",
+        type=positive_int,
+        help="onnx: opset version, 18 up to the newest the installed onnx package knows (default: the exporter's)",
+    )
     x.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     checkpoint = existing_checkpoint(args.checkpoint)
-    from reid_ssl.export import export_checkpoint
+    from reid_ssl.export import check_opset, export_checkpoint
+
+    check_opset(args.to, args.opset)  # before the checkpoint is loaded: a wrong --opset fails in a second
 
     out = check_new_file(args.out, args.overwrite, inputs=[checkpoint])
     result = export_checkpoint(checkpoint, args.to, out, opset=args.opset)

@@ -124,17 +124,25 @@ def run_add(args: argparse.Namespace) -> int:
         rows = [("index", display_path(args.index)), ("added", len(ids)), ("unreadable", len(failures))]
         print_table([*rows, ("skipped", len(skipped)), ("items now", ntotal)], title="index add")
         print_problems(failures + skipped)
-    return _add_status(len(ids), failures, skipped, args.paths)
+    _check_added(len(ids), failures, skipped, args.paths, listed=not args.json)
+    return 0
 
 
-def _add_status(added: int, failures: list, skipped: list, paths: list[str]) -> int:
-    """0 when something was added or everything given is already in the index; else 1 with the reason on stderr
-    (nothing readable: no image files, only unreadable ones, or empty folders)."""
+def _check_added(added: int, failures: list, skipped: list, paths: list[str], listed: bool) -> None:
+    """Nothing to complain about when something was added or everything given is already in the index.
+
+    Raises:
+        InputError: nothing readable was given (only unreadable images, no image files, or empty folders): bad
+            input, exit code 2; the message names the paths and a first problem.
+    """
     if added or any(reason == "already indexed" for _, reason in skipped):
-        return 0
+        return
+    problems = failures + skipped
     why = "only unreadable images" if failures else "no image files" if skipped else "no images (empty folders?)"
-    print(f"reid_ssl index add: nothing added: {', '.join(paths)} held {why} (listed above)", file=sys.stderr)
-    return 1
+    detail = (
+        f" ({'listed above' if listed else f'{display_path(problems[0][0])}: {problems[0][1]}'})" if problems else ""
+    )
+    raise InputError(f"nothing added: {', '.join(paths)} held {why}{detail}")
 
 
 def run_remove(args: argparse.Namespace) -> int:
@@ -143,17 +151,34 @@ def run_remove(args: argparse.Namespace) -> int:
     if not args.ids and not args.path_prefix:
         raise InputError("nothing to remove: give --ids and/or --path-prefix")
     with GalleryIndex.open_for_update(args.index) as idx:
-        ids = list(args.ids)
-        if args.path_prefix:
-            ids += idx.ids_under(args.path_prefix)
+        missing = sorted(set(args.ids) - set(idx.ids.tolist()))
+        under = idx.ids_under(args.path_prefix) if args.path_prefix else []
+        if not under and len(missing) == len(set(args.ids)):  # nothing of what was asked exists: bad input
+            asked = (
+                [f"--ids {' '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}"] if missing else []
+            )
+            asked += [f"--path-prefix {args.path_prefix} (no indexed path under it)"] if args.path_prefix else []
+            raise InputError(
+                f"nothing removed: {' and '.join(asked)} not in {args.index}; `reid_ssl index search` or the app "
+                "shows the ids"
+            )
+        ids = list(args.ids) + under
         removed = idx.remove(ids)
         ntotal = idx.ntotal
-    result = {"index": args.index, "requested": len(set(ids)), "removed": removed, "ntotal": ntotal}
+    result = {
+        "index": args.index, "requested": len(set(ids)), "removed": removed, "not_found": missing, "ntotal": ntotal,
+    }  # fmt: skip
     if args.json:
         print_json(result)
     else:
-        rows = [("index", display_path(args.index)), ("removed", removed), ("not found", len(set(ids)) - removed)]
+        rows = [("index", display_path(args.index)), ("removed", removed), ("not found", len(missing))]
         print_table([*rows, ("items now", ntotal)], title="index remove")
+    if missing:
+        print(
+            f"reid_ssl index remove: note: {len(missing)} of the --ids are not in the index: "
+            f"{' '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}",
+            file=sys.stderr,
+        )
     return 0
 
 

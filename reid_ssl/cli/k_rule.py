@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reid_ssl.cli.common import add_json_option, add_parser, print_json
+from reid_ssl.cli.common import add_json_option, add_parser, open_unit_float, print_json
 from reid_ssl.errors import InputError
 
 MAX_TABLE_ROWS = 1000
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--negatives", type=int, required=True, help="negatives per anchor (batch size - 1)")
     k.add_argument("--classes", type=int, required=True, help="number of classes / identities in the data")
     k.add_argument("--max-k", type=int, default=10, help=f"largest k to print (default 10, at most {MAX_TABLE_ROWS})")
-    k.add_argument("--confidence", type=float, default=0.99, help="report the smallest k reaching this")
+    k.add_argument("--confidence", type=open_unit_float, default=0.99, help="report the smallest k reaching this")
     add_json_option(k, "the table and the smallest k")
     k.set_defaults(handler=run)
 

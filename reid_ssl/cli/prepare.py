@@ -12,6 +12,7 @@ from reid_ssl.cli.common import (
     add_json_option,
     add_parser,
     non_negative_float,
+    open_unit_float,
     positive_float,
     positive_int,
     print_json,
@@ -102,7 +103,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     v.add_argument("--camera", nargs="+", help="camera names, one per input (default: the file names)")
     v.add_argument("--fps", type=positive_float, help="frames per second to process (default: every frame)")
-    v.add_argument("--source-fps", type=positive_float, help="frame rate of frame folders (default 25)")
+    v.add_argument(
+        "--source-fps",
+        type=positive_float,
+        help="frame rate of frame folders (default 25) or of a video that reports none; a video's own rate is kept",
+    )
     v.add_argument("--start", type=non_negative_float, default=0.0, help="seconds into each input to start")
     v.add_argument("--end", type=positive_float, help="seconds into each input to stop (default: the end)")
     v.add_argument("--min-height", type=positive_int, default=48, help="ignore people shorter than this, pixels (48)")
@@ -113,7 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the person detector (default hog; each is described above)",
     )
     v.add_argument("--weights", help="the detector's weights file (torchvision detectors); nothing is downloaded")
-    v.add_argument("--min-score", type=float, help="detector score in (0, 1) to keep a box (default: the detector's)")
+    v.add_argument(
+        "--min-score", type=open_unit_float, help="detector score in (0, 1) to keep a box (default: the detector's)"
+    )
     v.add_argument(
         "--split",
         action="store_true",
@@ -206,9 +213,17 @@ def run_video(args: argparse.Namespace) -> int:
         if (v := split.get(k, MIN_QUERY_IDENTITIES)) < MIN_QUERY_IDENTITIES
     }
     if small:
+        empty = [k.split("_")[0] for k, v in small.items() if v == 0]
+        effect = (
+            f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty: `reid_ssl eval --dataset "
+            f"video{'-val' if empty == ['val'] else ''}` has nothing to query"
+            if empty
+            else "splits this small give rank-1/mAP that say little (with one identity every ranking scores 100%)"
+        )
+        counts = manifest.get("counts", {})
         print(
-            f"WARNING: {', '.join(f'{k} {v}' for k, v in small.items())}: splits this small give rank-1/mAP that say "
-            "little (with one identity every ranking scores 100%); use longer footage or more cameras",
+            f"WARNING: {', '.join(f'{k} {v}' for k, v in small.items())}: the footage gave {counts.get('tracks', 0)} "
+            f"tracklet(s); {effect}. Use longer footage or more cameras",
             file=sys.stderr,
         )
     _report(

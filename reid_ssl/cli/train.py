@@ -22,7 +22,7 @@ unless --overwrite. --resume with nothing to resume is an error, not a new run."
 EPILOG = """\
 examples:
   reid_ssl train
-  reid_ssl train -c configs/smoke.yaml train.epochs=2 optim.lr=0.1
+  reid_ssl train -c configs/smoke.yaml train.epochs=2 optim.lr=0.05   # after `make data`
   reid_ssl train --resume                       # continue <train.out_dir>/checkpoint.pt
   reid_ssl train --resume runs/b/checkpoint.pt  # continue that run, writing into runs/b
   reid_ssl train --resume train.epochs=60       # continue a finished run for more epochs

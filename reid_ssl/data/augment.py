@@ -116,7 +116,10 @@ class TwoViewDataset(Dataset):
         self.bag_of = np.full(len(items), -1, np.int64)  # each image's row in the CSR arrays, -1 without a bag
         self.bag_of[self.order] = np.repeat(np.arange(len(ids)), np.diff(self.offsets))
         if bag_positives and not len(ids):
-            raise InputError("data.positives='bag' needs a source with bags (folder, list, sysu30k, pets09, video)")
+            raise InputError(
+                "data.positives='bag' needs a source with bags (folder or list with sub-folders, sysu30k, pets09, "
+                "video); images directly in data.root are in no bag: use data.positives=augment"
+            )
         self.bag_positives = bag_positives
         self.decoded: dict[int, Image.Image] = self._decode_all(cache_bytes) if cache_bytes else {}
 

@@ -116,7 +116,8 @@ def _is_image(name: bytes) -> bool:
 
 def scan_folder(root: str | Path, bags: bool = True) -> ImageList:
     """Every image under ``root`` (sorted, hidden files and folders skipped, symlinked folders not followed),
-    each folder holding images becoming one bag when ``bags``. One ``os.listdir`` per folder, no ``stat`` per file.
+    each sub-folder holding images becoming one bag when ``bags``; images directly in ``root`` belong to no bag
+    (-1): a flat folder is loose images, not one tracklet. One ``os.listdir`` per folder, no ``stat`` per file.
 
     Raises:
         MissingFileError: ``root`` is not a folder.
@@ -127,25 +128,31 @@ def scan_folder(root: str | Path, bags: bool = True) -> ImageList:
     base = os.fsencode(root)
     chunks: list[bytes] = []
     lengths: list[np.ndarray] = []
+    loose = 0  # images directly in root
     for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
         names = sorted(n for n in filenames if _is_image(n))
         if names:
             rel = os.path.relpath(dirpath, base)
             prefix = b"" if rel == b"." else rel + b"/"
+            loose = len(names) if rel == b"." else loose
             chunks.append(b"".join(prefix + n for n in names))
             lengths.append(np.fromiter((len(prefix) + len(n) for n in names), np.int64, len(names)))
     per_image = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     ends = np.cumsum(per_image)
     blob = np.frombuffer(b"".join(chunks), np.uint8).copy() if chunks else np.zeros(0, np.uint8)
     counts = [len(x) for x in lengths]
-    bag_ids = np.repeat(np.arange(len(counts), dtype=np.int32), counts) if bags else np.full(len(ends), -1, np.int32)
+    bag_ids = np.full(len(ends), -1, np.int32)
+    if bags:
+        skip = int(loose > 0)  # os.walk lists root first: its own images are chunk 0
+        bag_ids[loose:] = np.repeat(np.arange(len(counts) - skip, dtype=np.int32), counts[skip:])
     return ImageList(root, blob, ends - per_image, ends, bag_ids)
 
 
 def read_image_list(list_file: str | Path, root: str | Path, bags: bool = True) -> ImageList:
     """Image paths from a text list, one per line (first column; further columns such as labels are ignored),
-    relative to ``root`` unless absolute; each entry's folder is its bag when ``bags``.
+    relative to ``root`` unless absolute; each entry's folder is its bag when ``bags`` (an entry without a folder,
+    directly in ``root``, has no bag: -1).
 
     Parsed with vectorised numpy: a UTF-8 byte-order mark, CRLF or CR line ends, blank lines and ``#`` comments are
     handled, bytes that are not UTF-8 are kept as they are (the file system's own names), and nothing is
@@ -225,11 +232,14 @@ def _check_extensions(buf: np.ndarray, first: np.ndarray, stop: np.ndarray, line
 
 
 def _folder_runs(buf: np.ndarray, first: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """A bag id per entry: consecutive entries with the same folder share one."""
+    """A bag id per entry: consecutive entries with the same folder share one; an entry without a folder has none
+    (-1)."""
     n = len(first)
     if n == 0:
         return np.zeros(0, np.int32)
     slashes = np.flatnonzero((buf == 47) | (buf == 92))
+    if not len(slashes):  # bare file names: no folders, no bags
+        return np.full(n, -1, np.int32)
     last = np.searchsorted(slashes, stop) - 1
     dir_end = np.where((last >= 0) & (slashes[np.maximum(last, 0)] >= first), slashes[np.maximum(last, 0)], first)
     length = dir_end - first
@@ -238,7 +248,10 @@ def _folder_runs(buf: np.ndarray, first: np.ndarray, stop: np.ndarray) -> np.nda
     rows = np.flatnonzero(same & (length > 0))
     if len(rows):
         same[rows] = _equal_spans(_words(buf), first[rows], first[rows - 1], length[rows])
-    return (np.cumsum(~same) - 1).astype(np.int32)
+    foldered = length > 0
+    ids = np.full(n, -1, np.int32)
+    ids[foldered] = np.cumsum(~same[foldered]) - 1
+    return ids
 
 
 def _equal_spans(words: np.ndarray, a: np.ndarray, b: np.ndarray, length: np.ndarray) -> np.ndarray:

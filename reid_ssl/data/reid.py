@@ -178,9 +178,29 @@ def load_tracklet_split(name: str, root: Path, folder: str, how: str) -> ReidSpl
     try:
         split = _market_split(name, root, [folder, ""] if Path(root).name == folder else [folder])
     except DatasetLayoutError as e:
-        raise DatasetLayoutError(f"{e}; build it with: {how}") from None
+        raise DatasetLayoutError(f"{e}; {_why_no_split(Path(root), folder, how)}") from None
     split.notes.append(f"{name}: {TRACKLET_NOTE}")
     return split
+
+
+def _why_no_split(root: Path, folder: str, how: str) -> str:
+    """What the ``prepare`` output at ``root`` says about its missing or empty ``folder`` split: never built
+    (no output, or one prepared without ``--split``), or built but empty (too few tracklets)."""
+    out = root.parent if root.name == folder else root
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return f"build it with: {how}"
+    split = manifest.get("split") if isinstance(manifest, dict) else None
+    if not isinstance(split, dict):
+        return f"{out} was prepared without --split: prepare it again with --split ({how})"
+    subset = "val" if folder.endswith("_val") else "test"
+    tracks = (manifest.get("counts") or {}).get("tracks", "?")
+    return (
+        f"{out} was prepared with --split, but its footage gave {tracks} tracklet(s) and "
+        f"{split.get(f'{subset}_tracklets', 0)} of them went to the {subset} split; prepare longer footage or more "
+        "cameras"
+    )
 
 
 def _msmt_list(list_path: Path, image_dir: Path) -> list[Item]:

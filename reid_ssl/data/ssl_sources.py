@@ -101,14 +101,16 @@ def _expect_dir(path: Path, what: str) -> Path:
 
 
 def folder_source(root: Path) -> ImageList:
-    """Any folder of images, recursive; each folder holding images is a bag (e.g. one folder per tracklet)."""
+    """Any folder of images, recursive; each sub-folder holding images is a bag (e.g. one folder per tracklet),
+    images directly in ``root`` are in none (a flat folder has no bags)."""
     return scan_folder(_expect_dir(root, "an image folder"))
 
 
 def list_source(root: Path, list_file: Path) -> ImageList:
     """A text file of image paths (one per line, relative to ``root`` unless absolute; further columns such as
-    labels are ignored); each entry's folder is its bag. Lists from other systems (BOM, CRLF, Latin-1 names,
-    Windows separators) are read as :func:`reid_ssl.data.image_list.read_image_list` describes.
+    labels are ignored); each entry's folder is its bag (an entry without a folder is in none). Lists from other
+    systems (BOM, CRLF, Latin-1 names, Windows separators) are read as
+    :func:`reid_ssl.data.image_list.read_image_list` describes.
 
     Raises:
         MissingFileError: no list file; DatasetLayoutError: a line that is not an image name (file and line named).

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reid_ssl.fileio import atomic_write_bytes
+from reid_ssl.fileio import atomic_write_bytes, json_text
 
 _EMBED_CHUNK = 8192  # images per embed_images call: bounded memory, rows go straight to the .npy file
 
@@ -102,7 +102,7 @@ def embed_items(
             "ok": ok,
             "failures": failures,
         }
-        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        atomic_write_bytes(meta_path, json_text(meta, indent=None).encode())
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, InputError
-from reid_ssl.fileio import atomic_write_bytes, check_output_folder
+from reid_ssl.fileio import atomic_write_bytes, check_output_folder, json_text
 from reid_ssl.index import store
 from reid_ssl.index.gallery import GalleryIndex
 from reid_ssl.index.manifest import embedder_info
@@ -133,7 +133,7 @@ def _start_plan(build: Path, digest: str, n_items: int, chunk_size: int) -> bool
     build.mkdir(parents=True, exist_ok=True)
     if not plan.is_file():
         record = {"digest": digest, "n_items": n_items, "chunk_size": chunk_size, "created": store.now()}
-        atomic_write_bytes(plan, json.dumps(record).encode())
+        atomic_write_bytes(plan, json_text(record, indent=None).encode())
     return discarded
 
 

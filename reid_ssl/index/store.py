@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 
 from reid_ssl.errors import IndexFormatError, IndexLockedError, MissingFileError
-from reid_ssl.fileio import atomic_write_bytes, fsync_path
+from reid_ssl.fileio import atomic_write_bytes, fsync_path, json_text
 from reid_ssl.index import ondisk
 
 FORMAT = "reid_ssl.index"
@@ -275,7 +275,7 @@ def write_generation(folder: Path, generation: int, write_files: Callable[[Path]
     try:
         manifest = dict(write_files(tmp), generation=generation, updated=now())
         manifest["files"] = {f: (tmp / f).stat().st_size for f in FILES if f != "manifest.json"}
-        write_file(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        write_file(tmp / "manifest.json", json_text(manifest, indent=1).encode())
         fsync_path(tmp)
         os.rename(tmp, folder / name)
         fsync_path(folder)

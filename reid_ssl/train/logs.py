@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reid_ssl.fileio import json_text, write_json
+
 
 class MetricsLog:
     """``<out_dir>/metrics.jsonl`` (one JSON record per logged step and per monitor run) and TensorBoard events
@@ -67,7 +69,7 @@ class MetricsLog:
             self.writer.close()
         plot_loss_curve(self.path, self.out_dir / "loss_curve.png")
         write_metrics_csv(self.path, self.out_dir / "metrics.csv")
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        write_json(self.out_dir / "config.json", config)
 
 
 def write_metrics_csv(jsonl: Path, out: Path) -> Path:
@@ -102,8 +104,9 @@ class SampleLog:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line; a non-finite number (a diverged loss) is written as ``null``."""
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record, indent=None))
 
 
 def tensorboard_writer(out_dir: Path) -> Any:
@@ -123,7 +126,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def plot_loss_curve(metrics_file: Path, out_png: Path) -> Path | None:
     """Loss per step (and the monitor's rank-1/mAP per epoch when present) as a PNG."""
     records = read_metrics(metrics_file)
-    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    losses = [(r["step"], math.nan if r["loss"] is None else r["loss"]) for r in records if "loss" in r]
     if not losses:
         return None
     import matplotlib

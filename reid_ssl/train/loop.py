@@ -27,7 +27,7 @@ from reid_ssl.config import Config, LossConfig, to_dict
 from reid_ssl.data.datasets import resolve_root
 from reid_ssl.distributed import Dist, gather_rows, init_distributed, shutdown
 from reid_ssl.embedder import Embedder
-from reid_ssl.errors import CheckpointError, InputError, TrainingError
+from reid_ssl.errors import CheckpointError, ImageError, InputError, TrainingError
 from reid_ssl.losses import loss_from_config, similarity_stats
 from reid_ssl.models import SSLModel, update_target
 from reid_ssl.optim import build_optimizer, cosine_schedule, warmup_cosine_lr
@@ -119,7 +119,8 @@ def train(
 
     Raises:
         CheckpointError: the folder holds a different run (the message lists the differences and the way out).
-        TrainingError: unreadable images with ``data.bad_images=fail``, or a diverged loss.
+        ImageError: an unreadable image with ``data.bad_images=fail`` (bad input, exit code 2).
+        TrainingError: a diverged loss.
     """
     plan = plan_run(cfg, resume, overwrite, changes)
     run = _build(plan)
@@ -313,7 +314,7 @@ def _count_bad_images(run: _Run, bad: list[str]) -> None:
     known: list[str] = run.history.setdefault("bad_images", [])
     for reason in (line for text in bad for line in text.splitlines()):
         if run.cfg.data.bad_images == "fail":
-            raise TrainingError(f"unreadable training image ({reason}); set data.bad_images=skip to skip such files")
+            raise ImageError(f"unreadable training image ({reason}); fix or remove it, or set data.bad_images=skip")
         if reason not in known:
             known.append(reason)
             if len(known) <= 5 and run.d.main:

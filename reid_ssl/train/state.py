@@ -244,8 +244,12 @@ def resolve_deputy_window(cfg: Config, stats: BagStats, negatives: int) -> tuple
     bags alone when the file names are not frame numbers. Returns the section and what was decided (logged and
     kept in the checkpoint's history).
 
-    ``k: auto`` on a source without bags and without ``loss.identities`` (a flat folder, Fashion-MNIST) keeps
-    the configured ``k_lo..k_hi`` and says so in ``info["note"]`` (logged, and printed by ``reid_ssl train``).
+    Fewer than two bags say nothing about how many people there are: a source without bags (a flat folder, a
+    list of files without folders, ImageNet, a labeled re-ID set read without its labels, Fashion-MNIST) or with
+    one bag only gives no estimate. ``k: auto`` there, without ``loss.identities``, keeps the configured
+    ``k_lo..k_hi`` and says so in ``info["note"]`` (logged as a warning, and printed by ``reid_ssl train``).
+    When no window of the configured width reaches ``loss.k_confidence`` (too few negatives for the number of
+    identities), the best one is used and ``info["note"]`` says so too.
     """
     loss = cfg.loss
     info: dict[str, Any] = {"k": loss.k, "negatives": negatives}
@@ -254,23 +258,31 @@ def resolve_deputy_window(cfg: Config, stats: BagStats, negatives: int) -> tuple
     identities, source = loss.identities, "loss.identities"
     if identities == 0:
         info.update(bags=stats.bags, max_cooccurring_bags=stats.max_cooccurring)
-        if stats.bags and stats.max_cooccurring:
+        if stats.bags >= 2 and stats.max_cooccurring:
             identities = max(1, round(math.sqrt(stats.bags * stats.max_cooccurring)))
             source = f"estimated: sqrt({stats.max_cooccurring} co-occurring bags x {stats.bags} bags)"
-        elif stats.bags:
+        elif stats.bags >= 2:
             identities, source = stats.bags, f"estimated: {stats.bags} bags"
     if identities == 0:
         if loss.k == "auto":
+            found = "no bags" if not stats.bags else "a single bag"
             info["note"] = (
-                f"loss.k=auto: data.source={cfg.data.source} has no bags to estimate the number of identities from, "
-                f"so the configured deputy window {loss.k_lo}..{loss.k_hi} is used; set loss.identities=N to apply "
-                "the Bernoulli rule, or loss.k=fixed to silence this"
+                f"loss.k=auto: data.source={cfg.data.source} has {found} (sub-folders or tracklets) to estimate the "
+                f"number of identities from, so the configured deputy window {loss.k_lo}..{loss.k_hi} is used; set "
+                "loss.identities=N to apply the Bernoulli rule, or loss.k=fixed to silence this"
             )
         return loss, info
     info.update(identities=identities, identities_source=source)
     if loss.k == "auto":
         k_lo, k_hi, p = auto_window(negatives, identities, loss.k_hi - loss.k_lo + 1, loss.k_confidence)
         loss = dataclasses.replace(loss, k_lo=k_lo, k_hi=k_hi)
+        if p < loss.k_confidence:
+            info["note"] = (
+                f"loss.k=auto: with {negatives} negatives per anchor and {identities} identities no deputy window "
+                f"of width {k_hi - k_lo + 1} reaches loss.k_confidence={loss.k_confidence}; using ranks "
+                f"{k_lo}..{k_hi}, whose rank {k_lo} is another identity with P = {p:.3f}. Raise train.batch_size "
+                "(more negatives), narrow the window (loss.k_lo/k_hi) or lower loss.k_confidence"
+            )
     else:
         p = prob_rank_k_true_negative(negatives, identities, loss.k_lo)
     info.update(k_lo=loss.k_lo, k_hi=loss.k_hi, p_true_negative=p)

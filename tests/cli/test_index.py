@@ -60,18 +60,30 @@ def test_cli_build_info_search_add_remove(tmp_path, built, capsys):
     assert added["added"] == 1 and added["ids"] == [36] and added["ntotal"] == 37
     assert cli.main(["index", "add", str(new), "--index", out, "--json"]) == 0  # same path again: skipped
     assert json.loads(capsys.readouterr().out)["added"] == 0
-    # nothing that could be added: a text file, a corrupt JPEG, an empty folder -> exit 1 and the reason
+    # nothing that could be added: a text file, a corrupt JPEG, an empty folder -> bad input: exit 2 and the reason
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     (tmp_path / "empty").mkdir()
     for path, why in [("notes.txt", "no image files"), ("broken.jpg", "only unreadable"), ("empty", "no images")]:
-        assert cli.main(["index", "add", str(tmp_path / path), "--index", out, "--json"]) == 1
+        assert cli.main(["index", "add", str(tmp_path / path), "--index", out, "--json"]) == 2
         captured = capsys.readouterr()
         assert json.loads(captured.out)["added"] == 0 and f"nothing added: {tmp_path / path} held {why}" in captured.err
+        assert cli.main(["index", "add", str(tmp_path / path), "--index", out]) == 2
+        err = capsys.readouterr().err
+        assert ("listed above" in err) == (path != "empty")  # an empty folder lists nothing: no "(listed above)"
+    assert GalleryIndex.load(out).ntotal == 37
+    # ids that are not in the index: none of them -> exit 2 naming them; some of them -> removed, the rest noted
+    assert cli.main(["index", "remove", "--index", out, "--ids", "9999"]) == 2
+    assert "nothing removed: --ids 9999 not in" in capsys.readouterr().err
+    assert cli.main(["index", "remove", "--index", out, "--path-prefix", str(tmp_path / "nowhere")]) == 2
+    assert "no indexed path under it" in capsys.readouterr().err
     assert GalleryIndex.load(out).ntotal == 37
 
-    assert cli.main(["index", "remove", "--index", out, "--path-prefix", str(new.parent), "--ids", "0", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["removed"] == 2
+    argv = ["index", "remove", "--index", out, "--path-prefix", str(new.parent), "--ids", "0", "9999", "--json"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["removed"] == 2 and json.loads(captured.out)["not_found"] == [9999]
+    assert "1 of the --ids are not in the index: 9999" in captured.err
     assert GalleryIndex.load(out).ntotal == 35
 
 

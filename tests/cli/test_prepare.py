@@ -47,3 +47,20 @@ def test_prepare_video_warns_about_splits_too_small_to_score(tmp_path: Path, cap
     split = json.loads(captured.out)["split"]
     assert min(split["test_tracklets"], split["val_tracklets"]) < 5  # the generated clip has a handful of people
     assert "WARNING" in captured.err and "say little" in captured.err
+
+
+def test_prepare_video_says_when_a_split_is_empty(tmp_path: Path, capsys, colour_detector) -> None:  # noqa: F811
+    """Tracklets too short for a test split: the warning says the split is empty and eval has nothing to query."""
+    video = write_video(tmp_path / "hall.avi", 20)
+    argv = ["prepare", "video", str(video), "--out", str(tmp_path / "o"), "--detector", "colour"]
+    assert main([*argv, "--min-height", "20", "--split", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "test_tracklets 0" in err and "the test and val splits are empty" in err and "nothing to query" in err
+    assert "say little" not in err and "every ranking scores 100%" not in err
+
+
+def test_prepare_video_refuses_a_source_fps_that_contradicts_the_file(tmp_path: Path, capsys) -> None:
+    video = write_video(tmp_path / "hall.avi", 10)
+    argv = ["prepare", "video", str(video), "--out", str(tmp_path / "o"), "--source-fps", "12", "--end", "1"]
+    assert main(argv) == 2
+    assert "--source-fps 12 is for frame folders" in capsys.readouterr().err and not (tmp_path / "o").exists()

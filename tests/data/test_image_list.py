@@ -72,9 +72,10 @@ def test_folder_scan_sorted_bags_and_junk(tmp_path: Path) -> None:
         "t2/000010.jpg",
         "t2/000011.jpg",
     ]
-    assert items.bags.tolist() == [0, 1, 1, 2, 2]
+    assert items.bags.tolist() == [-1, 0, 0, 1, 1]  # an image directly in the root is in no bag
     assert scan_folder(tmp_path, bags=False).bags.tolist() == [-1] * 5
-    stats = bag_stats(scan_folder(tmp_path / "t1").subset(np.array([0, 1])))
+    assert scan_folder(tmp_path / "t1").bags.tolist() == [-1, -1]  # a flat folder is loose images, not one bag
+    stats = bag_stats(items.subset(np.array([1, 2])))
     assert (stats.bags, stats.max_cooccurring) == (1, 1)
     assert bag_stats(items).max_cooccurring == 0  # "top" is not a frame number: no timeline, no lower bound
 
@@ -120,6 +121,9 @@ def test_bags_and_extensions_match_a_plain_python_reading_of_random_lists(tmp_pa
         checked += 1
         folders = [line.rsplit("/", 1)[0] if "/" in line else "" for line in lines]
         runs = np.cumsum([True] + [a != b for a, b in itertools.pairwise(folders)]) - 1
+        foldered = np.array([f != "" for f in folders])  # an entry without a folder is in no bag
+        runs[foldered] = np.unique(runs[foldered], return_inverse=True)[1]
+        runs[~foldered] = -1
         assert [os.fsdecode(items.blob[a:b].tobytes()) for a, b in zip(items.starts, items.ends, strict=True)] == lines
         assert items.bags.tolist() == runs.tolist()
     assert 50 < checked < 200  # both paths taken: lists that parse, and lists with a bad line

@@ -116,8 +116,9 @@ def test_corrupt_images_are_skipped_and_counted_or_fatal(tmp_path, smoke_images,
     argv = ["train", "-c", SMOKE, f"data.root={data}", f"train.out_dir={tmp_path / 'o'}", "--json"]
     summary = cli_json(capsys, argv)
     assert summary["bad_images"] == 3
-    assert main([*argv, "data.bad_images=fail", "--overwrite"]) == 1
-    assert "unreadable training image" in capsys.readouterr().err
+    assert main([*argv, "data.bad_images=fail", "--overwrite"]) == 2  # bad input, not a failed run
+    err = capsys.readouterr().err
+    assert "unreadable training image" in err and "bad" in err and "data.bad_images=skip" in err
 
 
 def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):

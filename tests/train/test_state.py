@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from reid_ssl.config import load_config
-from reid_ssl.data.image_list import scan_folder
+from reid_ssl.data.image_list import read_image_list, scan_folder
 from reid_ssl.data.ssl_sources import bag_stats, folder_source
 from reid_ssl.train.state import resolve_deputy_window
 from tests.helpers import write_person_image
@@ -109,3 +109,31 @@ def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path, capsys) -> No
     assert not (tmp_path / "typo").exists()
     code, err = _train(capsys, images, tmp_path / "typo", "--resume", "--overwrite")
     assert code == 2 and "--overwrite" in err and not (tmp_path / "typo").exists()
+
+    (tmp_path / "list.txt").write_text("".join(f"{n}.jpg\n" for n in range(4)))
+    (tmp_path / "one.txt").write_text("".join(f"flat/{n}.jpg\n" for n in range(4)))
+    for items in (  # the flat folder as data.source=folder reads it; a list without folders; a single bag
+        folder_source(tmp_path / "flat"),
+        scan_folder(tmp_path / "flat", bags=False),
+        read_image_list(tmp_path / "list.txt", tmp_path / "flat"),
+        read_image_list(tmp_path / "one.txt", tmp_path),
+    ):
+        cfg = load_config(None, ["loss.k=auto", "data.source=folder"])
+        loss, info = resolve_deputy_window(cfg, bag_stats(items), 63)
+        assert (loss.k_lo, loss.k_hi) == (2, 10) and "p_true_negative" not in info and "identities" not in info
+        assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
+        _, info = resolve_deputy_window(load_config(None, ["loss.k=fixed"]), bag_stats(items), 63)
+        assert "identities" not in info and "note" not in info  # no "1 identities, P = 0.000" line
+        given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
+        assert "note" not in info and given.k_lo == 2
+
+
+def test_auto_window_below_the_confidence_says_so(tmp_path: Path) -> None:
+    items = folder_source(_bags(tmp_path / "bags"))  # 6 identities
+    cfg = load_config(None, ["loss.k=auto", "loss.k_lo=1", "loss.k_hi=2", "train.batch_size=3"])
+    loss, info = resolve_deputy_window(cfg, bag_stats(items), 2)
+    assert (loss.k_lo, loss.k_hi) == (1, 2) and info["p_true_negative"] < 0.99
+    assert "no deputy window" in info["note"] and "loss.k_confidence=0.99" in info["note"]
+    assert "train.batch_size" in info["note"]
+    _, info = resolve_deputy_window(load_config(None, ["loss.k=auto"]), bag_stats(items), 63)
+    assert "note" not in info  # 63 negatives: the rule reaches 0.99

@@ -15,7 +15,7 @@ import numpy as np
 from reid_ssl.data.video.detect import Detector
 from reid_ssl.data.video.frames import FrameSelection, FrameSource
 from reid_ssl.data.video.track import Detection, detections_of
-from reid_ssl.fileio import atomic_write_bytes
+from reid_ssl.fileio import atomic_write_bytes, json_text
 
 HEADER = "frame,x,y,w,h,score\n"
 
@@ -47,7 +47,7 @@ class DetectionLog:
         return state if isinstance(state, dict) else None
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        atomic_write_bytes(self.state_path, json.dumps(state).encode())
+        atomic_write_bytes(self.state_path, json_text(state, indent=None).encode())
 
     @property
     def complete(self) -> bool:

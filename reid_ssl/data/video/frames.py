@@ -6,6 +6,7 @@ crops and the manifest always point at the same frame of the source.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import numpy as np
 
 from reid_ssl.errors import InputError, VideoError
 from reid_ssl.images import iter_images, open_rgb
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FOLDER_FPS = 25.0  # frame folders carry no rate; --source-fps overrides
 
@@ -41,16 +44,23 @@ class FrameSource:
 
     Args:
         path: the video file or frame folder.
-        fps: the source's frame rate for a frame folder (videos report their own; 0 or a missing rate falls back
-            to :data:`DEFAULT_FOLDER_FPS`).
+        fps: the source's frame rate for a frame folder (default :data:`DEFAULT_FOLDER_FPS`), or for a video
+            whose file reports none. A video that reports its rate keeps it: a different ``fps`` is refused, since
+            it would put a wrong clock on ``--start``/``--end``/``--fps``.
+
+    Attributes:
+        decoded: after :meth:`frames` stopped early (the file ends before the frame count in its header: a
+            truncated or damaged video), the number of frames it could decode; else None.
 
     Raises:
         VideoError: OpenCV cannot open the video, or it (or the folder) has no frame.
+        InputError: ``fps`` disagrees with the rate the video file reports.
     """
 
     def __init__(self, path: str | Path, fps: float | None = None) -> None:
         self.path = Path(path)
         self._frames: list[Path] | None = None
+        self.decoded: int | None = None
         if self.path.is_dir():
             self._frames = list(iter_images(self.path, recursive=False))
             if not self._frames:
@@ -65,7 +75,14 @@ class FrameSource:
             if not cap.isOpened():
                 raise VideoError(f"{self.path}: OpenCV cannot open this video (unknown or damaged container/codec)")
             rate = cap.get(cv2.CAP_PROP_FPS)
-            self.fps = float(fps or (rate if rate and math.isfinite(rate) and rate > 0 else DEFAULT_FOLDER_FPS))
+            own = rate if rate and math.isfinite(rate) and rate > 0 else None
+            if fps and own and abs(fps - own) > 0.01 * own:
+                raise InputError(
+                    f"{self.path}: --source-fps {fps:g} is for frame folders (and videos that report no rate); this "
+                    f"video reports {own:g} fps, which sets its clock for --start, --end and --fps: leave "
+                    "--source-fps out"
+                )
+            self.fps = float(own or fps or DEFAULT_FOLDER_FPS)
             self.frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # a hint: some containers lie
             ok, _ = cap.read()
         finally:
@@ -110,12 +127,19 @@ class FrameSource:
             while index < selection.end:
                 if index < first or index not in selection:
                     if not cap.grab():
-                        return
+                        break
                 else:
                     ok, frame = cap.read()
                     if not ok:
-                        return
+                        break
                     yield index, frame
                 index += 1
         finally:
             cap.release()
+        if index < min(selection.end, self.frame_count) and self.decoded is None:
+            self.decoded = index
+            log.warning(
+                "%s: decoding stopped after %d of the %d frames its header promises (%.1f of %.1f s): the file is "
+                "truncated or damaged, and only the frames before are used",
+                self.path, index, self.frame_count, index / self.fps, self.frame_count / self.fps,
+            )  # fmt: skip

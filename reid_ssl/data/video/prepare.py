@@ -315,7 +315,14 @@ def _manifest(
         "format": FORMAT,
         "digest": digest,
         "inputs": [
-            {"path": str(i.path), "camera": i.camera, "camid": i.camid, "fps": i.source.fps, **track_stats(i.tracks)}
+            {
+                "path": str(i.path),
+                "camera": i.camera,
+                "camid": i.camid,
+                "fps": i.source.fps,
+                **track_stats(i.tracks),
+                **_truncation(i.source),
+            }
             for i in items
         ],
         "counts": track_stats(tracks),
@@ -324,6 +331,13 @@ def _manifest(
         "seconds": seconds,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _truncation(source: FrameSource) -> dict[str, int]:
+    """``frames_decoded`` and ``frames_in_header`` of a video whose decoding stopped early; else nothing."""
+    if source.decoded is None:
+        return {}
+    return {"frames_decoded": source.decoded, "frames_in_header": source.frame_count}
 
 
 def _replace(src: Path, dst: Path) -> None:

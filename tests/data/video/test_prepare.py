@@ -14,7 +14,7 @@ import pytest
 from reid_ssl.config import DataConfig
 from reid_ssl.data.datasets import build_source, load_split
 from reid_ssl.data.video.prepare import VideoOptions, prepare_video
-from reid_ssl.errors import AlreadyExistsError, InputError, VideoError
+from reid_ssl.errors import AlreadyExistsError, DatasetLayoutError, InputError, VideoError
 from tests.data.video.conftest import PEOPLE, identity_of, write_frames, write_video
 
 OPTIONS = VideoOptions(detector="colour", min_height=20)
@@ -169,3 +169,40 @@ def test_its_own_unfinished_output_resumes(tmp_path: Path, colour_detector) -> N
     (tmp_path / "out" / "manifest.json").unlink()  # as if killed while publishing
     assert prepare_video([video], tmp_path / "out", options=OPTIONS)["counts"] == first["counts"]
     assert prepare_video([video], tmp_path / "out", options=OPTIONS)["counts"] == first["counts"]
+
+
+def test_source_fps_is_for_frame_folders_and_never_relabels_a_videos_clock(tmp_path: Path, colour_detector) -> None:
+    video = write_video(tmp_path / "cam.avi", 40)  # the file says 10 fps
+    with pytest.raises(InputError, match=r"cam\.avi: --source-fps 12 is for frame folders.*reports 10 fps"):
+        prepare_video([video], tmp_path / "out", options=dataclasses.replace(OPTIONS, source_fps=12.0))
+    assert not (tmp_path / "out").exists()
+    same = prepare_video([video], tmp_path / "out", options=dataclasses.replace(OPTIONS, source_fps=10.0))
+    assert same["inputs"][0]["fps"] == 10.0  # the file's own rate, given again: accepted
+    frames = write_frames(tmp_path / "frames", 20)
+    folder = prepare_video([frames], tmp_path / "out2", options=dataclasses.replace(OPTIONS, source_fps=12.0))
+    assert folder["inputs"][0]["fps"] == 12.0
+
+
+def test_a_truncated_video_warns_with_frames_decoded_and_promised(tmp_path: Path, colour_detector, caplog) -> None:
+    whole = write_video(tmp_path / "whole.avi", 90)
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])  # the header still promises 90 frames
+    with caplog.at_level("WARNING", logger="reid_ssl"):
+        manifest = prepare_video([cut], tmp_path / "out", options=OPTIONS)
+    entry = manifest["inputs"][0]
+    assert entry["frames_in_header"] == 90 and 0 < entry["frames_decoded"] < 90
+    assert f"cut.avi: decoding stopped after {entry['frames_decoded']} of the 90 frames" in caplog.text
+    assert "frames_decoded" not in prepare_video([whole], tmp_path / "out2", options=OPTIONS)["inputs"][0]
+
+
+def test_eval_on_an_output_without_a_test_split_says_why(tmp_path: Path, colour_detector) -> None:
+    video = write_video(tmp_path / "cam.avi", 40)
+    prepare_video([video], tmp_path / "plain", options=OPTIONS)
+    with pytest.raises(DatasetLayoutError, match="prepared without --split: prepare it again with --split"):
+        load_split("video", tmp_path / "plain")
+    short = write_video(tmp_path / "short.avi", 20)  # tracklets shorter than a test tracklet's 25 boxes
+    prepare_video([short], tmp_path / "few", options=dataclasses.replace(OPTIONS, split=True))
+    with pytest.raises(DatasetLayoutError, match=r"prepared with --split, but its footage gave \d+ tracklet\(s\)"):
+        load_split("video", tmp_path / "few")
+    with pytest.raises(DatasetLayoutError, match="build it with: reid_ssl prepare video"):
+        load_split("video", tmp_path / "nothing")
