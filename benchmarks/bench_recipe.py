@@ -300,6 +300,7 @@ def report(rows: Rows, out: str | None) -> None:
     result.update(
         protocol=__doc__, candidates=CANDIDATES, validation=val, test=test, chosen=chosen,
         acceptance=acceptance(test, chosen) if tested else None,
+        val_test_agreement=val_test_agreement(everything),
         trainings=[{k: r.get(k) for k in keys} for r in trainings],
         rows=everything,
     )  # fmt: skip
@@ -309,6 +310,26 @@ def report(rows: Rows, out: str | None) -> None:
     print("validation (choose here)\n" + markdown_table(val, cols))
     print("\ntest (reported once)\n" + markdown_table(test, cols))
     print(f"\nchosen: {chosen and (chosen['candidate'], chosen['size'])}; acceptance: {result['acceptance']}")
+    print(f"validation vs test, per checkpoint: {result['val_test_agreement']}")
+
+
+def val_test_agreement(rows: list[dict[str, Any]], size: tuple[int, int] = (96, 48)) -> dict[str, Any]:
+    """How well the validation split predicts the test split: Spearman's rank correlation over every network
+    (trained checkpoint or untrained seed) scored on both splits at ``size``, per metric, with its p-value."""
+    from scipy.stats import spearmanr
+
+    def scores(split: str) -> dict[tuple[str, int], dict[str, Any]]:
+        return {(r["candidate"], r["seed"]): r for r in rows
+                if r["kind"] == "score" and r["split"] == split and r.get("size") == list(size)}  # fmt: skip
+
+    val, test = scores("pets09-val"), scores("pets09")
+    both = sorted(k for k in test if k in val)
+    out: dict[str, Any] = {"networks": len(both), "size": f"{size[0]}x{size[1]}"}
+    for m in ("rank1", "mAP"):
+        if len(both) >= 3:
+            rho, p = spearmanr([val[k][m] for k in both], [test[k][m] for k in both])
+            out[m] = {"spearman": round(float(rho), 3), "p": round(float(p), 4)}
+    return out
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def test_the_cpu_default_file_restates_the_builtin_defaults():
 
 
 def test_the_cpu_default_is_the_recipe_chosen_on_the_validation_split():
-    cfg = Config()  # benchmarks/bench_recipe.py: candidate k-auto-1res-short-bag-reid-aug, 96x48 test size
-    assert (cfg.loss.k, cfg.model.multires, cfg.train.epochs, cfg.data.positives) == ("auto", False, 15, "auto")
+    cfg = Config()  # benchmarks/bench_recipe.py: candidate k-auto-1res-25ep-bag-reid-aug, 96x48 test size
+    assert (cfg.loss.k, cfg.model.multires, cfg.train.epochs, cfg.data.positives) == ("auto", False, 25, "auto")
     aug = cfg.augment  # BYOL's views with the colour kept and crops of at least 30%
     assert (aug.crop_scale, aug.hue, aug.saturation, aug.grayscale) == ((0.3, 1.0), 0.0, 0.0, 0.0)
     assert dataclasses.replace(aug, crop_scale=(0.08, 1.0), hue=0.1, saturation=0.2, grayscale=0.2) == BYOL_AUGMENT
