@@ -32,7 +32,7 @@ apt-test:
 data: install
 	$(BIN)/reid_ssl prepare pets09 --fetch
 
-# (1) The main job: ~5-6 min on 2 CPU cores from a fresh clone (pip cache warm), install included (bench_demo).
+# (1) The main job: ~8 min on 2 CPU cores from a fresh clone (pip cache warm), install included (bench_demo).
 demo: data
 	$(BIN)/reid_ssl train
 	$(BIN)/reid_ssl eval --checkpoint $(RUN)/checkpoint.pt --dataset pets09
