@@ -43,12 +43,22 @@ def test_auto_window_without_identities_or_bags_keeps_the_configured_window_and_
     rng = np.random.default_rng(0)
     for n in range(4):
         write_person_image(tmp_path / "flat" / f"{n}.jpg", n, rng)
-    items = scan_folder(tmp_path / "flat", bags=False)
-    loss, info = resolve_deputy_window(load_config(None, ["loss.k=auto", "data.source=folder"]), bag_stats(items), 63)
-    assert (loss.k_lo, loss.k_hi) == (2, 10) and "p_true_negative" not in info
-    assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
-    given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
-    assert "note" not in info and given.k_lo == 2
+    (tmp_path / "list.txt").write_text("".join(f"{n}.jpg\n" for n in range(4)))
+    (tmp_path / "one.txt").write_text("".join(f"flat/{n}.jpg\n" for n in range(4)))
+    for items in (  # the flat folder as data.source=folder reads it; a list without folders; a single bag
+        folder_source(tmp_path / "flat"),
+        scan_folder(tmp_path / "flat", bags=False),
+        read_image_list(tmp_path / "list.txt", tmp_path / "flat"),
+        read_image_list(tmp_path / "one.txt", tmp_path),
+    ):
+        cfg = load_config(None, ["loss.k=auto", "data.source=folder"])
+        loss, info = resolve_deputy_window(cfg, bag_stats(items), 63)
+        assert (loss.k_lo, loss.k_hi) == (2, 10) and "p_true_negative" not in info and "identities" not in info
+        assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
+        _, info = resolve_deputy_window(load_config(None, ["loss.k=fixed"]), bag_stats(items), 63)
+        assert "identities" not in info and "note" not in info  # no "1 identities, P = 0.000" line
+        given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
+        assert "note" not in info and given.k_lo == 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,22 +120,26 @@ def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path, capsys) -> No
     code, err = _train(capsys, images, tmp_path / "typo", "--resume", "--overwrite")
     assert code == 2 and "--overwrite" in err and not (tmp_path / "typo").exists()
 
-    (tmp_path / "list.txt").write_text("".join(f"{n}.jpg\n" for n in range(4)))
-    (tmp_path / "one.txt").write_text("".join(f"flat/{n}.jpg\n" for n in range(4)))
-    for items in (  # the flat folder as data.source=folder reads it; a list without folders; a single bag
-        folder_source(tmp_path / "flat"),
-        scan_folder(tmp_path / "flat", bags=False),
-        read_image_list(tmp_path / "list.txt", tmp_path / "flat"),
-        read_image_list(tmp_path / "one.txt", tmp_path),
-    ):
-        cfg = load_config(None, ["loss.k=auto", "data.source=folder"])
-        loss, info = resolve_deputy_window(cfg, bag_stats(items), 63)
-        assert (loss.k_lo, loss.k_hi) == (2, 10) and "p_true_negative" not in info and "identities" not in info
-        assert "loss.identities=N" in info["note"] and "loss.k=fixed" in info["note"] and "2..10" in info["note"]
-        _, info = resolve_deputy_window(load_config(None, ["loss.k=fixed"]), bag_stats(items), 63)
-        assert "identities" not in info and "note" not in info  # no "1 identities, P = 0.000" line
-        given, info = resolve_deputy_window(load_config(None, ["loss.identities=1000"]), bag_stats(items), 63)
-        assert "note" not in info and given.k_lo == 2
+
+def test_a_fresh_run_never_writes_into_a_folder_of_other_files(tmp_path: Path, capsys) -> None:
+    """A new run into a folder without a checkpoint but with the user's files (a config.json, notes) used to
+    replace same-named files; a folder holding only a run's own files (stopped before its first checkpoint) is
+    reused."""
+    images = _bags(tmp_path / "images", n_bags=8)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "notes.txt").write_text("my notes")
+    code, err = _train(capsys, images, mine, "train.max_steps=2")
+    assert code == 2 and "train.out_dir" in err and "not empty" in err and "--overwrite" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    assert (mine / "config.json").read_text() == '{"my": "settings"}'
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text("")
+    assert _train(capsys, images, stopped, "train.max_steps=2")[0] == 0
+    assert _train(capsys, images, mine, "train.max_steps=2", "--overwrite")[0] == 0  # asked for
+    assert (mine / "notes.txt").read_text() == "my notes" and (mine / "checkpoint.pt").is_file()
 
 
 def test_auto_window_below_the_confidence_says_so(tmp_path: Path) -> None:
