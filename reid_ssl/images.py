@@ -32,16 +32,21 @@ MIN_CROP_SIDE = 8
 MAX_CROP_ASPECT = 8.0
 
 
-def crop_shape_problem(width: int, height: int) -> str | None:
+APP_FRAME_HINT = "for a whole camera frame use the Full frame tab"
+
+
+def crop_shape_problem(width: int, height: int, frame_hint: str = APP_FRAME_HINT) -> str | None:
     """Why a ``width`` x ``height`` image cannot be a person crop (too small or too elongated), else ``None``.
 
-    The one rule for every place the app takes a person crop (a search query, a gallery upload, a zip member).
+    The one rule for every place a user hands in a person crop: the app's search query, gallery upload and zip
+    member, and the command line's ``index search --query`` and ``index add`` (:func:`image_crop_problem`).
+    ``frame_hint`` ends the too-small message (where a whole frame should go instead).
     """
     short, long = min(width, height), max(width, height)
     if short < MIN_CROP_SIDE:
         return (
             f"too small for a person crop: {width}x{height} pixels (each side needs at least {MIN_CROP_SIDE}); "
-            "for a whole camera frame use the Full frame tab"
+            f"{frame_hint}"
         )
     if long > MAX_CROP_ASPECT * short:
         return (
@@ -50,6 +55,20 @@ def crop_shape_problem(width: int, height: int) -> str | None:
             f"{MAX_CROP_ASPECT:g}); crop the image around one person"
         )
     return None
+
+
+CLI_FRAME_HINT = "for whole camera frames cut the people out first: reid_ssl prepare video FRAMES"
+
+
+def image_crop_problem(path: str | Path) -> str | None:
+    """:func:`crop_shape_problem` of the image file ``path``, from its header only; ``None`` also when the header
+    cannot be read (decoding reports that, with its own reason)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return crop_shape_problem(width, height, CLI_FRAME_HINT)
 
 
 def open_rgb(source: str | Path | Image.Image) -> Image.Image:

@@ -105,12 +105,15 @@ def _unused_settings(idx: Any, args: argparse.Namespace) -> list[str]:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from reid_ssl.images import image_crop_problem
     from reid_ssl.index import GalleryIndex
     from reid_ssl.index.manifest import load_recorded_embedder
 
     idx = GalleryIndex.load(args.index)
     for q in args.query:
         require_file(q, "query image")
+        if reason := image_crop_problem(q):
+            raise InputError(f"{q}: {reason}")
     embedder = load_recorded_embedder(idx.manifest, idx.path, args.checkpoint, args.device)
     res = embedder.embed_images(args.query, batch_size=min(64, len(args.query)))
     if res.failures:

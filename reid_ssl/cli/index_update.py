@@ -85,11 +85,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_add(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from reid_ssl.images import image_crop_problem
     from reid_ssl.index import GalleryIndex, path_items
     from reid_ssl.index.manifest import load_recorded_embedder
 
     source = path_items(args.paths)
     items, skipped = source.items, list(source.skipped)
+    shapes = [image_crop_problem(it.path) for it in items]  # the app's rule for a gallery upload
+    skipped += [(it.path, reason) for it, reason in zip(items, shapes, strict=True) if reason]
+    items = [it for it, reason in zip(items, shapes, strict=True) if not reason]
     snapshot = GalleryIndex.load(args.index)  # embed without holding the writer lock (the app may be adding too)
     embedder = load_recorded_embedder(snapshot.manifest, snapshot.path, args.checkpoint, args.device)
     if not args.allow_duplicates:

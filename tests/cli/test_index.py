@@ -272,3 +272,25 @@ def test_more_user_mistakes_are_one_line_with_exit_code_2(tmp_path, built, capsy
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_the_command_line_takes_person_crops_by_the_apps_shape_rule(tmp_path, built, capsys):
+    """A 1x1 or 10x5000 image was refused by the app but searched and added by `index search` / `index add`."""
+    from PIL import Image
+
+    out = str(tmp_path / "idx")
+    GalleryIndex.load(built["index"]).save(out, force=True)
+    dot, strip = tmp_path / "bad" / "dot.png", tmp_path / "bad" / "strip.png"
+    dot.parent.mkdir()
+    Image.new("RGB", (1, 1)).save(dot)
+    Image.new("RGB", (10, 5000)).save(strip)
+    assert cli.main(["index", "search", "--index", out, "--query", str(dot)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dot.png: too small for a person crop: 1x1" in err[0] and "prepare video" in err[0]
+    assert cli.main(["index", "search", "--index", out, "--query", str(strip)]) == 2
+    assert "not the shape of a person crop" in capsys.readouterr().err
+    good = write_person_image(tmp_path / "bad" / "0099_c4s1_000001_00.jpg", 99, np.random.default_rng(9))
+    assert cli.main(["index", "add", str(dot.parent), "--index", out, "--json"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["added"] == 1 and {Path(p).name for p, _ in added["skipped"]} == {"dot.png", "strip.png"}
+    assert GalleryIndex.load(out).ntotal == 37 and good.is_file()
