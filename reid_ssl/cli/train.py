@@ -87,8 +87,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     setup_logging(json=args.json, quiet=args.quiet)
 
+    from reid_ssl.fileio import check_output_folder
     from reid_ssl.train import train
     from reid_ssl.train.monitor import monitor_for
+    from reid_ssl.train.state import CHECKPOINT_NAME, holds_only_run_files
+
+    if not args.resume and not (Path(cfg.train.out_dir) / CHECKPOINT_NAME).is_file():
+        # a new run: never into a folder of someone else's files (a checkpoint there is plan_run's to judge)
+        check_output_folder(cfg.train.out_dir, args.overwrite, holds_only_run_files, "a training run", "train.out_dir")
 
     monitor = None if args.no_eval else monitor_for(cfg)
     progress = show_progress(json=args.json, quiet=args.quiet)

@@ -29,7 +29,6 @@ from reid_ssl.errors import (
     ReidSslError,
     TrainingError,
 )
-from reid_ssl.fileio import check_output_folder
 from reid_ssl.losses import WINDOWED_LOSSES, prob_rank_k_true_negative
 from reid_ssl.losses.krule import auto_window
 from reid_ssl.models import SSLModel
@@ -166,7 +165,9 @@ RUN_FILES = ("metrics.jsonl", "metrics.csv", "loss_curve.png", "config.json", "t
 
 def holds_only_run_files(folder: Path) -> bool:
     """Whether ``folder`` holds nothing but what a training run writes (a run stopped before its first
-    checkpoint, or one whose checkpoint was deleted): a fresh run may write there without ``--overwrite``."""
+    checkpoint, or one whose checkpoint was deleted): ``reid_ssl train`` may start a new run there without
+    ``--overwrite``. (The command line checks this; :func:`~reid_ssl.train.loop.train` called from Python
+    writes where it is told, next to the caller's own files.)"""
     return all(p.name in RUN_FILES or p.name.startswith((CHECKPOINT_NAME, "samples-rank")) for p in folder.iterdir())
 
 
@@ -202,7 +203,6 @@ def plan_run(cfg: Config, resume: bool | str, overwrite: bool, changes: dict[str
         raise MissingFileError(f"--resume: nothing to resume at {path}; drop --resume to start a new run{how}")
     if not resume and (overwrite or not path.is_file()):
         notes = [f"--overwrite: starting afresh; {path} will be replaced"] if overwrite and path.is_file() else []
-        check_output_folder(path.parent, overwrite, holds_only_run_files, "a training run", "train.out_dir")
         return RunPlan(cfg, notes=notes)
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "rng" not in ckpt:
