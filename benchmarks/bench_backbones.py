@@ -125,7 +125,7 @@ def summarise(rows: list[dict[str, Any]], names: list[str], budget: float, seeds
             for model in ("trained", "untrained"):
                 want = {"kind": "score", "backbone": name, "split": split, "model": model}
                 want.update(this_run if model == "trained" else {})
-                rs = [r for r in rows if r["seed"] in seeds and all(r.get(k) == v for k, v in want.items())]
+                rs = [r for r in rows if r.get("seed") in seeds and all(r.get(k) == v for k, v in want.items())]
                 if not rs:
                     continue
                 row: dict[str, Any] = {"backbone": name, "split": split, "model": model, "seeds": len(rs),

@@ -26,3 +26,47 @@ def test_steady_rate_names_a_missing_step(tmp_path: Path) -> None:
     path = _metrics(tmp_path, {10: 1.0, 20: 2.0})
     with pytest.raises(RuntimeError, match="steps 10 and 40"):
         steady_rate(path, 10, 40, batch=64)
+
+
+def test_summary_reads_only_this_pilots_runs_next_to_pilot_rows() -> None:
+    """Pilot rows carry no seed; runs and trained scores of an earlier pilot method are left out."""
+    from benchmarks.bench_backbones import PILOT_METHOD, summarise
+
+    this = {"budget": 120.0, "pilot": PILOT_METHOD}
+    rows = [
+        {"kind": "pilot", "backbone": "resnet18", "method": PILOT_METHOD, "img_per_s": 60.0},
+        {"kind": "train", "backbone": "resnet18", "seed": 0, "steps": 100, "seconds": 118.0, **this},
+        {"kind": "train", "backbone": "resnet18", "seed": 0, "steps": 90, "seconds": 75.0, "budget": 120.0},
+        {
+            "kind": "score",
+            "backbone": "resnet18",
+            "seed": 0,
+            "split": "pets09",
+            "model": "trained",
+            "rank1": 0.5,
+            "mAP": 0.4,
+            **this,
+        },
+        {
+            "kind": "score",
+            "backbone": "resnet18",
+            "seed": 0,
+            "split": "pets09",
+            "model": "trained",
+            "rank1": 0.1,
+            "mAP": 0.1,
+            "budget": 120.0,
+        },
+        {
+            "kind": "score",
+            "backbone": "resnet18",
+            "seed": 0,
+            "split": "pets09",
+            "model": "untrained",
+            "rank1": 0.3,
+            "mAP": 0.2,
+        },
+    ]
+    table = {r["model"]: r for r in summarise(rows, ["resnet18"], 120.0, [0])}
+    assert table["trained"]["rank1"] == 0.5 and table["trained"]["images"] == 6400
+    assert table["trained"]["train_s"] == 118.0 and table["untrained"]["rank1"] == 0.3
