@@ -136,12 +136,21 @@ def test_every_endpoint_takes_extreme_images_and_the_server_keeps_serving(served
 
 
 def test_cli_image_entries_take_extreme_images(served, fuzz_images):
+    """Every decodable image of a person-crop shape is searched and added; the others get the app's shape rule
+    (one line, exit code 2 for a query; skipped with the reason by `index add`), never a traceback."""
     paths = [str(path) for path, _ in fuzz_images]
-    code, out, err = run_cli(["index", "search", "--index", str(served.index), "--json", "-k", "2", "--query", *paths])
+    crops = [p for p in paths if not crop_shape_problem(*Image.open(p).size)]
+    odd = sorted(set(paths) - set(crops))
+    assert crops and odd
+    code, out, err = run_cli(["index", "search", "--index", str(served.index), "--json", "-k", "2", "--query", *crops])
     assert code == 0 and "Traceback" not in err, err
-    assert [q["query"] for q in json.loads(out)["queries"]] == paths
+    assert [q["query"] for q in json.loads(out)["queries"]] == crops
     assert all(len(q["results"]) == 2 for q in json.loads(out)["queries"])
+    code, out, err = run_cli(["index", "search", "--index", str(served.index), "--query", odd[0]])
+    assert code == 2 and "Traceback" not in err and "person crop" in err, err
     code, out, err = run_cli(["index", "add", "--index", str(served.index), "--json", *paths])
     assert code == 0 and "Traceback" not in err, err
-    assert json.loads(out)["added"] == len(set(paths))  # 1x1_RGB is named twice: the duplicate is skipped
+    added = json.loads(out)
+    assert added["added"] == len(set(crops))  # a file named twice is added once
+    assert {p for p, _ in added["skipped"]} >= set(odd)
     assert len(served.search(served.queries()[0], 2)[0]) == 2  # and the app still answers
