@@ -449,3 +449,18 @@ def test_scores_every_n_steps_leave_training_bit_identical(tmp_path):
     assert all(torch.equal(v, states[1]["model"][k]) for k, v in states[0]["model"].items())
     scores = stepwise.read_scores(tmp_path / "scored_True" / "scores.jsonl")
     assert sorted(scores) == [2, 4] and scores[4]["dim"] == 512
+
+
+def test_run_key_ignores_where_and_how_often_files_are_written():
+    """A new checkpoint default must not discard finished runs; a new learning rate must."""
+    from benchmarks import runs
+    from benchmarks.presets import with_overrides
+
+    p = presets.preset("fashion-mnist", smoke=True)
+    cfg = presets.build_config(p, "byol", 0)
+    key = runs.run_key(cfg, p.monitor, "scored", False)
+    for change in ("train.checkpoint_every_epochs=7", "train.checkpoint_every_steps=3", "train.out_dir=elsewhere",
+                   "train.tensorboard=true", "train.sample_log=true"):  # fmt: skip
+        assert runs.run_key(with_overrides(cfg, [change]), p.monitor, "scored", False) == key, change
+    for change in ("optim.lr=0.123", "train.seed=5", "train.log_every_steps=3"):
+        assert runs.run_key(with_overrides(cfg, [change]), p.monitor, "scored", False) != key, change
