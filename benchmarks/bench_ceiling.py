@@ -5,8 +5,8 @@ the batch's shape; the real loop is ``reid_ssl train`` with the same config. Con
 
 * ``cpu_default``: the built-in defaults (``reid_ssl train``: PETS09 crops with tracklet positives, ResNet-18 at
   64x32, batch 64, no loader workers (decoded crops cached, augmented in the training process), TensorBoard,
-  logs every 10 steps, a checkpoint every epoch) with the monitor off; 80 steps, timed over steps 10..80 (more
-  than three whole epochs);
+  logs every 10 steps, checkpoints every 200 steps and every 5 epochs) with the monitor off; 80 steps, timed over
+  steps 10..80 (more than three whole epochs);
 * ``cpu_default_bf16``: the same with ``train.amp=bf16`` (ceiling in bf16 too);
 * ``paper_r50_small``: ``configs/imagenet_r50_paper.yaml``'s architecture and optimizer (ResNet-50, heads
   4096/256/4096, LARS) at small scale: PETS09 at 64x32, batch 64, no accumulation, fp32, the CPU default's
@@ -15,10 +15,13 @@ the batch's shape; the real loop is ``reid_ssl train`` with the same config. Con
 Each config runs ceiling, real, ceiling, real, ... ceiling (``--repeats`` real runs); each real rate is divided
 by the mean of the two ceilings around it, so the machine's load at that moment cancels as far as possible.
 The JSON also splits each real run's CPU time between the training process and the loader workers.
-``--profile`` adds a cProfile of one real run of the first config (the training process's top functions).
+``--profile`` adds a cProfile of one real run of the first config (the training process's top functions);
+``--breakdown`` times the first config's ingredients one at a time (:func:`benchmarks.ceiling.breakdown`) and
+its real loop with a checkpoint every epoch against the configured cadence.
 
     python -m benchmarks.bench_ceiling                              # ~10 min on a quiet 2-core machine
     python -m benchmarks.bench_ceiling --configs cpu_default --repeats 5
+    python -m benchmarks.bench_ceiling --configs cpu_default,paper_r50_small --repeats 3 --breakdown
     python -m benchmarks.bench_ceiling --smoke
 """
 
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import ceiling, machine, presets, report
+from benchmarks.presets import with_overrides
 from reid_ssl.config import Config, load_config
 from reid_ssl.fileio import write_json
 
@@ -64,6 +68,24 @@ def config(name: str, smoke: bool) -> tuple[Config, int, int]:
     raise KeyError(f"unknown config {name!r}; choose from {list(CONFIGS)}")
 
 
+def breakdown(cfg: Config, warmup: int, steps: int, repeats: int) -> dict[str, Any]:
+    """:func:`benchmarks.ceiling.breakdown` of ``cfg``, then its real loop with a checkpoint at every epoch's end
+    and with the configured cadence, alternating (``repeats`` each)."""
+    parts = ceiling.breakdown(cfg, steps, warmup, repeats)
+    every_epoch = with_overrides(cfg, ["train.checkpoint_every_epochs=1"])
+    loops: dict[str, list[float]] = {"checkpoint_every_epoch": [], "configured": []}
+    for _ in range(repeats):
+        loops["checkpoint_every_epoch"].append(ceiling.real_rate(every_epoch, warmup)["img_per_s"])
+        loops["configured"].append(ceiling.real_rate(cfg, warmup)["img_per_s"])
+    parts["real_loop_img_per_s"] = loops
+    parts["checkpoint_every_epochs_configured"] = cfg.train.checkpoint_every_epochs
+    syn = parts["median_img_per_s"]["synthetic"]
+    parts["real_loop_ratio_to_synthetic"] = {k: statistics.median(v) / syn for k, v in loops.items()}
+    for name, ratio in {**parts["ratio_to_synthetic"], **parts["real_loop_ratio_to_synthetic"]}.items():
+        print(f"  breakdown {name}: {ratio:.3f} of the synthetic rate", flush=True)
+    return parts
+
+
 def profile(cfg: Config, warmup: int, top: int = 25) -> dict[str, Any]:
     """cProfile of one real run: the ``top`` functions by cumulative time (training process only)."""
     prof = cProfile.Profile()
@@ -86,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", type=presets.parse_list, default=list(CONFIGS), help="comma-separated")
     ap.add_argument("--repeats", type=int, help="real runs per config, each between two ceiling runs (default 3)")
     ap.add_argument("--profile", action="store_true", help="also cProfile one real run of the first config")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the first config's ingredients one by one (synthetic, real batches, + loss and EMA, + "
+        "augmentation) and its real loop with a checkpoint every epoch against the default cadence",
+    )
     ap.add_argument("--threads", type=int, help="torch threads (default: all available cores; smoke 1)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.smoke else 3)
@@ -109,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             f" ceiling {statistics.median(x['img_per_s'] for x in r['ceiling']):.1f} img/s",
             flush=True,
         )
+        write_json(args.out, report.finish(result, t))
+    if args.breakdown:
+        result["breakdown"] = breakdown(*config(args.configs[0], args.smoke), repeats)
         write_json(args.out, report.finish(result, t))
     if args.profile:
         cfg, warmup, _ = config(args.configs[0], args.smoke)

@@ -14,8 +14,10 @@ the real loop should span whole epochs, so per-epoch costs such as loader start-
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,46 +32,133 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ceiling_rate(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
-    """Synthetic training steps of ``cfg``'s model (module docstring): img/s over ``steps`` after ``warmup``."""
-    from reid_ssl.embedder import resolve_device
-    from reid_ssl.optim import build_optimizer
-    from reid_ssl.train.state import autocast_context, build_model, seed_everything
+class _Stepper:
+    """The trainer's model, optimizer and precision settings for timed steps outside :func:`train`."""
 
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    model = build_model(cfg).to(device)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    modules = [m for m in (model.backbone, model.projector, model.predictor) if m]
-    optimizer = build_optimizer(
-        cfg.optim.name, modules, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coefficient
-    )
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
-    run = torch.compile(model) if cfg.train.compile else model
-    shape = (cfg.train.batch_size, 3, cfg.data.height, cfg.data.width)
-    v1, v2 = (torch.randn(shape, device=device).contiguous(memory_format=fmt) for _ in range(2))
-    model.train()
-    t_first = time.perf_counter()
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
-            first_s = t0 - t_first
-        with autocast_context(cfg.train.amp, device):
-            p1, p2, z1, z2 = run(v1, v2)
-        loss = (p1.float() * z2.float()).mean() + (p2.float() * z1.float()).mean()  # a stand-in: no real loss
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+    def __init__(self, cfg: Config) -> None:
+        from reid_ssl.embedder import resolve_device
+        from reid_ssl.optim import build_optimizer
+        from reid_ssl.train.state import build_model, seed_everything
+
+        seed_everything(cfg.train.seed)
+        self.cfg, self.device = cfg, resolve_device(cfg.train.device)
+        self.model = build_model(cfg).to(self.device)
+        self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.fmt)
+        modules = [m for m in (self.model.backbone, self.model.projector, self.model.predictor) if m]
+        o = cfg.optim
+        self.optimizer = build_optimizer(o.name, modules, o.lr, o.momentum, o.weight_decay, o.trust_coefficient)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
+        self.run = torch.compile(self.model) if cfg.train.compile else self.model
+        self.shape = (cfg.train.batch_size, 3, cfg.data.height, cfg.data.width)
+        self.model.train()
+
+    def step(self, v1: torch.Tensor, v2: torch.Tensor, criterion: Any = None, ema: bool = False) -> None:
+        """One optimizer step on the views; without ``criterion`` a stand-in loss (no real loss), then the EMA
+        target update if ``ema``."""
+        from reid_ssl.models.ssl import update_target
+        from reid_ssl.train.state import autocast_context
+
+        v1 = v1.to(self.device).contiguous(memory_format=self.fmt)
+        v2 = v2.to(self.device).contiguous(memory_format=self.fmt)
+        with autocast_context(self.cfg.train.amp, self.device):
+            p1, p2, z1, z2 = self.run(v1, v2)
+        if criterion is None:
+            loss = (p1.float() * z2.float()).mean() + (p2.float() * z1.float()).mean()
+        else:
+            loss = criterion(p1, z2) + criterion(p2, z1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return {"img_per_s": steps * shape[0] / seconds, "steps": steps, "warmup_s": first_s, "device": str(device)}
+            self.optimizer.step()
+        if ema:
+            update_target(self.model, 0.99)
+        loss.item()  # the loop reads the loss every step
+
+    def rate(self, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int,
+             criterion: Any = None, ema: bool = False) -> tuple[float, float]:  # fmt: skip
+        """img/s over ``steps`` after ``warmup``, batch ``i`` from ``batches(i)``; also the warm-up's seconds."""
+        t_first = t0 = time.perf_counter()
+        for i in range(warmup + steps):
+            if i == warmup:
+                _sync(self.device)
+                t0 = time.perf_counter()
+            self.step(*batches(i), criterion=criterion, ema=ema)
+        _sync(self.device)
+        return steps * self.shape[0] / (time.perf_counter() - t0), t0 - t_first
+
+
+def ceiling_rate(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
+    """Synthetic training steps of ``cfg``'s model (module docstring): img/s over ``steps`` after ``warmup``."""
+    s = _Stepper(cfg)
+    views = [torch.randn(s.shape, device=s.device).contiguous(memory_format=s.fmt) for _ in range(2)]
+    rate, first_s = s.rate(lambda i: (views[0], views[1]), steps, warmup)
+    return {"img_per_s": rate, "steps": steps, "warmup_s": first_s, "device": str(s.device)}
+
+
+def breakdown(cfg: Config, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """Where the time between the ceiling and the real loop goes: one model, the ingredients added one by one.
+
+    * ``synthetic``: the ceiling (random tensors, a stand-in loss);
+    * ``real_batches``: real augmented batches made beforehand (a pool of 8, cycled), the stand-in loss;
+    * ``loss_ema``: the same batches, the configured loss (its resolved deputy window) and the EMA update;
+    * ``augment``: the same, each batch augmented in the loop from the training source (as the trainer's feed
+      does with ``data.num_workers``).
+
+    The variants run in turn, ``repeats`` rounds; each gets the median of its rounds (img/s) and its ratio to
+    ``synthetic``. What the real loop adds beyond ``augment`` (logging, checkpoints) is the difference between
+    ``augment`` and :func:`real_rate`.
+    """
+    from torch.utils.data import DataLoader
+
+    from reid_ssl.data.augment import two_view_dataset
+    from reid_ssl.data.ssl_sources import bag_stats
+    from reid_ssl.losses import loss_from_config
+    from reid_ssl.train.state import resolve_deputy_window
+
+    s = _Stepper(cfg)
+    dataset = two_view_dataset(cfg.data, cfg.augment)
+    loss_cfg, _ = resolve_deputy_window(cfg, bag_stats(dataset.items), cfg.train.batch_size - 1)
+    criterion = loss_from_config(loss_cfg)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers)  # fmt: skip
+    pool = [(b[0], b[1]) for _, b in zip(range(8), loader, strict=False)]
+    views = [torch.randn(s.shape, device=s.device) for _ in range(2)]
+    stream: list[Any] = []
+
+    def fresh(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == 0 or not stream:
+            stream[:] = [iter(loader)]
+        try:
+            batch = next(stream[0])
+        except StopIteration:
+            stream[0] = iter(loader)
+            batch = next(stream[0])
+        return batch[0], batch[1]
+
+    variants: dict[str, tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], Any, bool]] = {
+        "synthetic": (lambda i: (views[0], views[1]), None, False),
+        "real_batches": (lambda i: pool[i % len(pool)], None, False),
+        "loss_ema": (lambda i: pool[i % len(pool)], criterion, True),
+        "augment": (fresh, criterion, True),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, (batches, crit, ema) in variants.items():
+            rates[name].append(s.rate(batches, steps, 2, crit, ema)[0])
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "img_per_s": rates,
+        "median_img_per_s": median,
+        "ratio_to_synthetic": {k: v / median["synthetic"] for k, v in median.items()},
+        "deputy_window": [loss_cfg.k_lo, loss_cfg.k_hi],
+        "steps": steps,
+        "repeats": repeats,
+    }
 
 
 def real_rate(cfg: Config, warmup: int) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from reid_ssl.console import is_main_process, setup_logging, show_progress
 DESCRIPTION = """\
 Pretrain a backbone without labels (truncated triplet, BYOL or SimCLR). With no arguments: the PETS09 CPU
 default, i.e. the built-in defaults of reid_ssl/config.py, which configs/pets09_r18_cpu.yaml restates.
-Writes <train.out_dir>/checkpoint.pt (every train.checkpoint_every_steps and every epoch, atomically),
-metrics.jsonl, TensorBoard logs and loss_curve.png. A folder holding a checkpoint is never overwritten
-silently: the same run continues (an interrupted run picks up where it stopped), a different one is refused
-unless --overwrite. --resume CHECKPOINT continues that run next to the checkpoint (a copied or moved run
-folder continues in place), or in train.out_dir=DIR when given; it never replaces another checkpoint there
-unless --overwrite. --resume with nothing to resume is an error, not a new run."""
+Writes <train.out_dir>/checkpoint.pt (atomically, every train.checkpoint_every_steps steps, every
+train.checkpoint_every_epochs epochs and at the end), metrics.jsonl, TensorBoard logs and loss_curve.png.
+A folder holding a checkpoint is never overwritten silently: the same run continues (an interrupted run picks
+up where it stopped), a different one is refused unless --overwrite. --resume CHECKPOINT continues that run
+next to the checkpoint (a copied or moved run folder continues in place), or in train.out_dir=DIR when given;
+it never replaces another checkpoint there unless --overwrite. --resume with nothing to resume is an error,
+not a new run."""
 
 EPILOG = """\
 examples:

@@ -54,7 +54,7 @@ def _scripts() -> dict[str, list[str]]:
         "peer_lightly": [],
         "throughput": [],
         "learning_efficiency": ["--datasets", datasets],
-        "ceiling": [],
+        "ceiling": ["--breakdown"],
         "startup": [],
         "shards": [],
     }
@@ -217,6 +217,10 @@ def test_ceiling_smoke(smoke):
         real = c["real"][0]
         assert real["img_per_s"] > 0 and real["cpu_s"]["main_process"] > 0 and real["cpu_s"]["loader_workers"] >= 0
     assert r["configs"]["paper_r50_small"]["overrides"]["backbone"] == "resnet50"
+    parts = r["breakdown"]  # --breakdown: the ingredients one by one, each a measured rate
+    assert set(parts["median_img_per_s"]) == {"synthetic", "real_batches", "loss_ema", "augment"}
+    assert parts["ratio_to_synthetic"]["synthetic"] == 1.0 and min(parts["median_img_per_s"].values()) > 0
+    assert set(parts["real_loop_ratio_to_synthetic"]) == {"checkpoint_every_epoch", "configured"}
 
 
 @pytest.mark.slow

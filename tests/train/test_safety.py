@@ -42,6 +42,7 @@ def test_faults_sigkill_during_training_leaves_a_loadable_checkpoint_and_resumes
     (data / "0003" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # 24 files: 3 batches of 8
     out = tmp_path / "run"
     argv = ["train", "-c", SMOKE, f"data.root={data}", f"train.out_dir={out}", "train.checkpoint_every_steps=2"]
+    argv.append("train.checkpoint_every_epochs=1")
     # checkpoint writes: step 2, end of epoch 1 (step 3), step 4 <- killed in the middle of writing it
     killed = subprocess.run(
         [sys.executable, "-c", DIE_IN_CHECKPOINT_WRITE, "3", *argv, "-q"], cwd=REPO, env=SUBPROCESS_ENV, timeout=300
