@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,8 +281,23 @@ def _figures(
     label = f"{dataset} ({metric}{', re-ranked' if rerank else ''})"
     cmc = np.asarray(metrics["cmc"])
     files["cmc_png"] = str(plot_cmc({label: cmc}, out / f"cmc_{dataset}.png", title=f"CMC: {dataset}"))
-    files["strips"] = _strips(q, g, metrics["AP"], ranked, num_strips, strip_topk, out / f"ranked_{dataset}")
+    folder = out / f"ranked_{dataset}"
+    files["strips"] = _strips(q, g, metrics["AP"], ranked, num_strips, strip_topk, folder)
+    _remove_stale_strips(Path(files["json"]), folder, set(files["strips"]))
     return files
+
+
+def _remove_stale_strips(result: Path, folder: Path, kept: set[str]) -> None:
+    """Delete the strips the result being replaced listed and this run did not write again (a rerun with fewer
+    ``--strips`` or other queries); only strip images of this dataset's folder, nothing else."""
+    try:
+        listed = json.loads(result.read_text()).get("files", {}).get("strips", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in listed:
+        path = Path(name)
+        if str(path) not in kept and path.parent == folder and path.suffix == ".png" and path.name.startswith("q"):
+            path.unlink(missing_ok=True)
 
 
 def _scores(metrics: dict[str, Any], q: _Embedded, g: _Embedded) -> dict[str, Any]:

@@ -154,9 +154,7 @@ def _build(plan: RunPlan) -> _Run:
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise InputError("train.amp='fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
     seed_everything(cfg.train.seed + d.rank)
-    out_dir = Path(cfg.train.out_dir)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.train.out_dir)  # created once the data and the model are known to be usable
     check_same_start(d, plan)
 
     # ----- data and the deputy window ----------------------------------------------------------------
@@ -187,6 +185,8 @@ def _build(plan: RunPlan) -> _Run:
         cfg.optim.trust_coefficient,
     )
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     logs = MetricsLog(out_dir, cfg.train.tensorboard) if d.main else None
     run = _Run(
         cfg, d, device, feed, model, core, ddp, optimizer, scaler, loss_from_config(loss_cfg), epoch_steps,

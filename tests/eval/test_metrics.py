@@ -302,6 +302,8 @@ def test_pipeline_writes_numbers_plots_and_uses_the_cache(tmp_path, checkpoint, 
     again = evaluate_checkpoint(checkpoint, "market-layout", market_tree, out_dir=out, num_strips=0, streaming=True)
     assert again["cache"] == {"query": True, "gallery": True} and again["mode"] == "streaming"
     assert again["mAP"] == pytest.approx(res["mAP"], abs=1e-6) and again["cmc"] == pytest.approx(res["cmc"])
+    # the rerun wrote no strips: the three of the result it replaced are gone, not left to be mistaken for its own
+    assert again["files"]["strips"] == [] and not list((out / "ranked_market-layout").glob("*.png"))
 
 
 def test_pipeline_reports_unreadable_images(tmp_path, checkpoint, market_tree) -> None:

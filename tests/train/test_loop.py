@@ -125,10 +125,12 @@ def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):
     assert main(["train", "-c", SMOKE, "optim.learnig_rate=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'optim.learnig_rate'" in err and "lr" in err and "Traceback" not in err
-    assert main(["train", "-c", SMOKE, f"data.root={tmp_path / 'nowhere'}"]) == 2
+    out = f"train.out_dir={tmp_path / 'run'}"
+    assert main(["train", "-c", SMOKE, f"data.root={tmp_path / 'nowhere'}", out]) == 2
     assert "expected an image folder" in capsys.readouterr().err
-    assert main(["train", "data.source=pets09", f"data.root={tmp_path}"]) == 2
+    assert main(["train", "data.source=pets09", f"data.root={tmp_path}", out]) == 2
     assert "reid_ssl prepare pets09" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # a run that cannot start leaves no output folder behind
     assert main(["train", "-c", str(tmp_path / "missing.yaml")]) == 2
 
 
