@@ -24,8 +24,9 @@ class DetectionLog:
     """``<work>/detections.csv`` and ``<work>/state.json`` for one input.
 
     ``state.json`` holds ``{"key": ..., "done_until": last processed frame, "bytes": valid CSV length,
-    "complete": bool, "frames": processed frames}``; it is replaced atomically after each block is fsynced, so
-    the CSV beyond ``bytes`` (a block cut by a kill) is ignored and overwritten.
+    "complete": bool, "frames": processed frames}`` (and ``"decoded"`` for a truncated video); it is replaced
+    atomically after each block is fsynced, so the CSV beyond ``bytes`` (a block cut by a kill) is ignored and
+    overwritten.
     """
 
     def __init__(self, work: Path, key: str) -> None:
@@ -53,8 +54,11 @@ class DetectionLog:
     def complete(self) -> bool:
         return bool(self.state["complete"])
 
-    def append(self, rows: list[Detection], done_until: int, frames: int, complete: bool = False) -> None:
-        """Append one block of detections (durably), then record it in the state."""
+    def append(
+        self, rows: list[Detection], done_until: int, frames: int, complete: bool = False, decoded: int | None = None
+    ) -> None:
+        """Append one block of detections (durably), then record it in the state (with the last block, ``decoded``:
+        the frames a truncated video could decode, so a later run that reuses the log still knows)."""
         with open(self.csv, "r+b") as f:
             f.truncate(self.state["bytes"])  # drop whatever a killed run wrote after the last record
             f.seek(self.state["bytes"])
@@ -63,6 +67,8 @@ class DetectionLog:
             os.fsync(f.fileno())
             size = f.tell()
         self.state = {**self.state, "done_until": done_until, "bytes": size, "complete": complete, "frames": frames}
+        if decoded is not None:
+            self.state["decoded"] = decoded
         self._write_state(self.state)
 
     def read(self) -> list[Detection]:
@@ -100,7 +106,7 @@ def detect_all(
         if frames % block == 0:
             log.append(pending, last, frames)
             pending = []
-    log.append(pending, last, frames, complete=True)
+    log.append(pending, last, frames, complete=True, decoded=source.decoded)
     return log.read()
 
 

@@ -137,9 +137,13 @@ class FrameSource:
         finally:
             cap.release()
         if index < min(selection.end, self.frame_count) and self.decoded is None:
-            self.decoded = index
-            log.warning(
-                "%s: decoding stopped after %d of the %d frames its header promises (%.1f of %.1f s): the file is "
-                "truncated or damaged, and only the frames before are used",
-                self.path, index, self.frame_count, index / self.fps, self.frame_count / self.fps,
-            )  # fmt: skip
+            self.stopped_early(index)
+
+    def stopped_early(self, decoded: int) -> None:
+        """Record (:attr:`decoded`) and warn that decoding ended after ``decoded`` frames, before the header's count."""
+        self.decoded = decoded
+        log.warning(
+            "%s: decoding stopped after %d of the %d frames its header promises (%.1f of %.1f s): the file is "
+            "truncated or damaged, and only the frames before are used",
+            self.path, decoded, self.frame_count, decoded / self.fps, self.frame_count / self.fps,
+        )  # fmt: skip

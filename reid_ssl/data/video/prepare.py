@@ -124,6 +124,8 @@ def prepare_video(
         log = DetectionLog(out / WORK / _input_key(item, opt), _input_key(item, opt))
         if log.complete:
             detections = log.read()
+            if log.state.get("decoded") is not None:  # the reused pass had found the video truncated
+                item.source.stopped_early(int(log.state["decoded"]))
         else:
             with tqdm(
                 total=selection.count or None,

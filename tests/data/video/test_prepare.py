@@ -193,6 +193,11 @@ def test_a_truncated_video_warns_with_frames_decoded_and_promised(tmp_path: Path
     assert entry["frames_in_header"] == 90 and 0 < entry["frames_decoded"] < 90
     assert f"cut.avi: decoding stopped after {entry['frames_decoded']} of the 90 frames" in caplog.text
     assert "frames_decoded" not in prepare_video([whole], tmp_path / "out2", options=OPTIONS)["inputs"][0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reid_ssl"):  # again, reusing the detection pass: the same facts
+        again = prepare_video([cut], tmp_path / "out", options=OPTIONS, overwrite=True)["inputs"][0]
+    assert (again["frames_decoded"], again["frames_in_header"]) == (entry["frames_decoded"], 90)
+    assert "cut.avi: decoding stopped after" in caplog.text
 
 
 def test_eval_on_an_output_without_a_test_split_says_why(tmp_path: Path, colour_detector) -> None:
