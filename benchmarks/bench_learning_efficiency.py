@@ -190,8 +190,9 @@ def area(steps: list[int], values: list[float]) -> float:
     return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
 
 
-def verdict(t: list[dict], ref: list[dict], metric: str, bound: int, raw: float) -> dict[str, Any]:
-    """The pre-registered rule for triplet runs ``t`` against reference runs ``ref`` (paired by seed)."""
+def verdict(t: list[dict], ref: list[dict], metric: str, bound: int, raw: float, planned: int = 0) -> dict[str, Any]:
+    """The pre-registered rule for triplet runs ``t`` against reference runs ``ref`` (paired by seed). With fewer
+    paired seeds than the ``planned`` ones, the verdict reads "incomplete" (what the rule says so far follows)."""
     seeds = sorted({r["seed"] for r in t} & {r["seed"] for r in ref})
     if not seeds:
         return {"verdict": "no paired seeds yet"}
@@ -207,6 +208,8 @@ def verdict(t: list[dict], ref: list[dict], metric: str, bound: int, raw: float)
     semantic = max(t_mean) > raw
     holds = r1 and r2 and r3 and semantic
     text = "holds" if holds else ("no semantic learning yet" if not semantic else "does not hold")
+    if len(seeds) < planned:
+        text = f"incomplete: {len(seeds)} of {planned} seeds (so far: {text})"
     return {
         "seeds": seeds,
         "R1_first_step_reaching_reference_final": reach,
@@ -245,7 +248,7 @@ def summarize(s: Setting, by_arm: dict[str, list[dict]], floor: dict[str, Any]) 
             for m in (s.primary, s.secondary):
                 if t in arms and ref in arms:
                     key = f"{t}_vs_{ref}_{m}"
-                    verdicts[key] = verdict(by_arm[t], by_arm[ref], m, bound, floor["raw_pixels"][m])
+                    verdicts[key] = verdict(by_arm[t], by_arm[ref], m, bound, floor["raw_pixels"][m], len(s.seeds))
     return {"arms": arms, "verdicts": verdicts}
 
 

@@ -312,6 +312,10 @@ def test_decision_rule_on_made_up_curves():
     late = [run(0, [0.5, 0.5, 0.55, 0.7]), run(1, [0.5, 0.5, 0.55, 0.7])]  # ends higher, but late and less area
     v = verdict(late, byol, "m", bound=200, raw=0.6)
     assert v["R2"] and not v["R1"] and not v["R3"] and v["verdict"] == "does not hold"
+    # fewer paired seeds than planned: never a bare verdict
+    assert (
+        verdict(fast, byol, "m", bound=200, raw=0.6, planned=3)["verdict"] == "incomplete: 2 of 3 seeds (so far: holds)"
+    )
 
 
 @pytest.mark.slow
