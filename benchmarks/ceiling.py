@@ -17,7 +17,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ class _Stepper:
 
     def __init__(self, cfg: Config) -> None:
         from reid_ssl.embedder import resolve_device
+        from reid_ssl.models.ssl import update_target
         from reid_ssl.optim import build_optimizer
-        from reid_ssl.train.state import build_model, seed_everything
+        from reid_ssl.train.state import autocast_context, build_model, seed_everything
 
+        self.update_target, self.autocast = update_target, autocast_context  # imported once, not in every step
         seed_everything(cfg.train.seed)
         self.cfg, self.device = cfg, resolve_device(cfg.train.device)
         self.model = build_model(cfg).to(self.device)
@@ -56,12 +58,9 @@ class _Stepper:
     def step(self, v1: torch.Tensor, v2: torch.Tensor, criterion: Any = None, ema: bool = False) -> None:
         """One optimizer step on the views; without ``criterion`` a stand-in loss (no real loss), then the EMA
         target update if ``ema``."""
-        from reid_ssl.models.ssl import update_target
-        from reid_ssl.train.state import autocast_context
-
         v1 = v1.to(self.device).contiguous(memory_format=self.fmt)
         v2 = v2.to(self.device).contiguous(memory_format=self.fmt)
-        with autocast_context(self.cfg.train.amp, self.device):
+        with self.autocast(self.cfg.train.amp, self.device):
             p1, p2, z1, z2 = self.run(v1, v2)
         if criterion is None:
             loss = (p1.float() * z2.float()).mean() + (p2.float() * z1.float()).mean()
@@ -76,7 +75,7 @@ class _Stepper:
             loss.backward()
             self.optimizer.step()
         if ema:
-            update_target(self.model, 0.99)
+            self.update_target(self.model, 0.99)
         loss.item()  # the loop reads the loss every step
 
     def rate(self, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int,
@@ -128,23 +127,18 @@ def breakdown(cfg: Config, steps: int, warmup: int, repeats: int) -> dict[str, A
                         num_workers=cfg.data.num_workers)  # fmt: skip
     pool = [(b[0], b[1]) for _, b in zip(range(8), loader, strict=False)]
     views = [torch.randn(s.shape, device=s.device) for _ in range(2)]
-    stream: list[Any] = []
 
-    def fresh(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i == 0 or not stream:
-            stream[:] = [iter(loader)]
-        try:
-            batch = next(stream[0])
-        except StopIteration:
-            stream[0] = iter(loader)
-            batch = next(stream[0])
-        return batch[0], batch[1]
+    def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # the loader's batches, epoch after epoch
+        while True:
+            for batch in loader:
+                yield batch[0], batch[1]
 
+    fresh = epochs()
     variants: dict[str, tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], Any, bool]] = {
         "synthetic": (lambda i: (views[0], views[1]), None, False),
         "real_batches": (lambda i: pool[i % len(pool)], None, False),
         "loss_ema": (lambda i: pool[i % len(pool)], criterion, True),
-        "augment": (fresh, criterion, True),
+        "augment": (lambda i: next(fresh), criterion, True),
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):

@@ -35,12 +35,8 @@ from benchmarks import report
 from benchmarks.machine import REPO, set_threads
 from benchmarks.monitors import KnnMonitor, TimedMonitor, build_monitor, initial_metrics
 from benchmarks.presets import METRICS, WORK_DIR, MonitorSpec, Preset, with_overrides
-from reid_ssl.config import Config, from_dict, to_dict
+from reid_ssl.config import FILE_CADENCE_KEYS, Config, from_dict, to_dict
 from reid_ssl.fileio import write_json
-
-# Train settings that decide only where and how often files are written, not what a run learns: left out of
-# :func:`run_key`, so that changing them (a new default, say) does not discard finished runs.
-NOT_IN_RESULT = ("out_dir", "checkpoint_every_steps", "checkpoint_every_epochs", "sample_log", "tensorboard")
 
 
 def run_key(cfg: Config, spec: MonitorSpec, impl: str, linear: bool, ddp: int = 1) -> str:
@@ -48,8 +44,11 @@ def run_key(cfg: Config, spec: MonitorSpec, impl: str, linear: bool, ddp: int = 
     from reid_ssl import __version__
 
     d = to_dict(cfg)
-    for key in NOT_IN_RESULT:  # where and how often a run writes files does not change what it learns
-        d["train"].pop(key, None)
+    # where and how often a run writes files does not change what it learns: changing those settings (a new
+    # default, say) must not discard finished runs
+    for key in ("train.out_dir", *FILE_CADENCE_KEYS):
+        section, name = key.split(".")
+        d[section].pop(name)
     monitor = {k: v for k, v in asdict(spec).items() if k != "split" or v}  # runs from before `split` keep keys
     blob = {"config": d, "monitor": monitor, "impl": impl, "linear": linear, "ddp": ddp, "reid_ssl": __version__}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()

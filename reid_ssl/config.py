@@ -315,23 +315,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(cfg)
 
 
+# Keys that decide only which files a run writes and how often (with train.out_dir: where), never what it learns
+# or logs per step: benchmarks leave them out of a run's identity (benchmarks/runs.py).
+FILE_CADENCE_KEYS = frozenset(
+    {"train.checkpoint_every_steps", "train.checkpoint_every_epochs", "train.sample_log", "train.tensorboard"}
+)
+
 # Keys that may change when a run continues: they change how it is logged, watched, run or how long, not what
 # it trains on or with. Any other difference makes `train` refuse to continue a checkpoint (train/state.py).
-SAFE_ON_RESUME = frozenset(
+SAFE_ON_RESUME = FILE_CADENCE_KEYS | frozenset(
     {
         "train.epochs",
         "train.max_steps",
         "train.device",
         "train.compile",
         "train.channels_last",
-        "train.checkpoint_every_steps",
-        "train.checkpoint_every_epochs",
         "train.log_every_steps",
         "train.eval_dataset",
         "train.eval_root",
         "train.eval_every_epochs",
-        "train.sample_log",
-        "train.tensorboard",
         "data.num_workers",
         "data.bad_images",
     }
