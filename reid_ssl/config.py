@@ -158,7 +158,7 @@ class TrainConfig:
     out_dir: str = "runs/pets09_r18"
     checkpoint_every_steps: int = 200
     # also at the end of every N-th epoch (0: only steps and the end). Not 1: on the 2-core default (an epoch is
-    # ~15 s) a checkpoint every epoch cost 5-9% of the training rate (docs/results.md, section 10)
+    # ~15 s) a checkpoint every epoch cost 3-7% of the training rate (docs/results.md, section 10)
     checkpoint_every_epochs: int = 5
     log_every_steps: int = 10
     # rank-1/mAP on a retrieval split during training: "auto" = data.source's validation split when it has one
