@@ -161,7 +161,16 @@ class TwoViewDataset(Dataset):
             return i
         return int(self.order[random.randrange(self.offsets[b], self.offsets[b + 1])])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The views of image ``key``; a ``(seed, epoch, index)`` key (:class:`~reid_ssl.data.sampler.SeededSamples`,
+        in loader workers) first seeds Python's and torch's random streams from that triple, so the views are
+        a function of it alone. An ``int`` key draws from the streams as they are (in-process loading, whose
+        streams the checkpoint restores)."""
+        if isinstance(key, tuple):
+            seed_sample(*key)
+            i = key[2]
+        else:
+            i = key
         reasons: list[str] = []
         for _ in range(10):
             j = self._partner(i)
@@ -173,6 +182,13 @@ class TwoViewDataset(Dataset):
                 reasons.append(str(e))
                 i = random.randrange(len(self.items))
         raise ImageError(f"10 unreadable images in a row, last: {reasons[-1]}")
+
+
+def seed_sample(seed: int, epoch: int, index: int) -> None:
+    """Seed this process's Python and torch random streams from (run seed, epoch, image index)."""
+    state = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+    random.seed(state)
+    torch.manual_seed(state)
 
 
 # Decoded training images are kept in memory when all of them fit in this many bytes (PETS09's crops: ~50 MB).

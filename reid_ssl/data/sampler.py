@@ -39,3 +39,27 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch() * self.batch_size - self.start
+
+
+# The key a loader worker receives for one sample: (run seed, epoch, image index).
+SampleKey = tuple[int, int, int]
+
+
+class SeededSamples(Sampler[SampleKey]):
+    """:class:`EpochSampler`'s indices as ``(seed, epoch, index)`` keys, for loader workers.
+
+    :class:`~reid_ssl.data.augment.TwoViewDataset` seeds its random streams from such a key, so a sample's views
+    depend on the run's seed, the epoch and the image alone: not on the number of workers, on which worker
+    takes the sample, on what that worker drew before (workers stay alive across epochs), or on where a
+    resumed run restarted.
+    """
+
+    def __init__(self, epochs: EpochSampler) -> None:
+        self.epochs = epochs
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        s = self.epochs
+        return ((s.seed, s.epoch, i) for i in s)
+
+    def __len__(self) -> int:
+        return len(self.epochs)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from reid_ssl.config import Config
 from reid_ssl.data.augment import two_view_dataset, view_pair
-from reid_ssl.data.sampler import EpochSampler
+from reid_ssl.data.sampler import EpochSampler, SeededSamples
 from reid_ssl.data.shards import ShardStream
 from reid_ssl.data.ssl_sources import BagStats, bag_stats
 from reid_ssl.distributed import Dist
@@ -97,16 +97,22 @@ class FileFeed:
         self.images, self.stats = len(self.dataset), bag_stats(self.dataset.items)
         self.positives = "bag" if self.dataset.bag_positives else "augment"
         self.sampler = EpochSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, d.rank, d.world_size)
-        # The loader's own generator seeds its workers; starting an epoch then never draws from the global RNG,
-        # whose state the checkpoint restores (exact resume with num_workers=0).
+        # In-process (num_workers=0) the views draw from the global random streams, which the checkpoint
+        # restores. Workers get (seed, epoch, index) keys and seed every sample from its key, so the views are
+        # the same whatever the number of workers and wherever a resumed run restarts; the workers then stay
+        # alive across epochs (restarted every epoch, the GPU check's loop reached 0.44 of its ceiling with
+        # 16-step epochs against 0.68 inside one long epoch: docs/results.md section 12). The loader's own
+        # generator keeps epoch starts from drawing from the global streams.
+        workers = cfg.data.num_workers
         self.rng = torch.Generator()
         self.seed, self.rank, self.batch = cfg.train.seed, d.rank, cfg.train.batch_size
         self.loader = DataLoader(
             self.dataset,
             batch_size=cfg.train.batch_size,
-            sampler=self.sampler,
+            sampler=SeededSamples(self.sampler) if workers else self.sampler,
             drop_last=True,
-            num_workers=cfg.data.num_workers,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
             generator=self.rng,
             worker_init_fn=lower_worker_priority,

@@ -55,3 +55,25 @@ def test_decoded_image_cache_gives_the_same_views_and_the_same_failures(tmp_path
             assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
     assert "05.jpg" in _views(cached, 0)[5][2]
     assert not TwoViewDataset(items, a, b, bag_positives=bags, cache_bytes=1000).decoded  # over budget: no cache
+
+
+def test_a_seeded_key_gives_views_that_depend_on_the_key_alone(tmp_path):
+    """(seed, epoch, index) keys (loader workers) fix a sample's views whatever was drawn before; another epoch
+    or seed gives other views; the sampler hands out the epoch sampler's indices as such keys."""
+    from reid_ssl.config import AugmentConfig
+    from reid_ssl.data.sampler import EpochSampler, SeededSamples
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_person_image(tmp_path / f"{i // 2:02d}" / f"{i:02d}.jpg", i // 2, rng)
+    aug = AugmentConfig()
+    ds = TwoViewDataset(scan_folder(tmp_path), view_transform(aug, 32, 16, 1.0, 0.0),
+                        view_transform(aug, 32, 16, 0.1, 0.2), bag_positives=True)  # fmt: skip
+    first = ds[(7, 1, 3)]
+    torch.rand(5), random.random(), ds[(7, 1, 4)]  # other draws in between change nothing
+    again = ds[(7, 1, 3)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], ds[(7, 2, 3)][0]) and not torch.equal(first[0], ds[(8, 1, 3)][0])
+    epochs = EpochSampler(8, 2, seed=7)
+    epochs.set_epoch(3, start_batch=1)
+    assert list(SeededSamples(epochs)) == [(7, 3, i) for i in epochs] and len(SeededSamples(epochs)) == 6

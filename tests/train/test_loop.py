@@ -189,8 +189,10 @@ def test_sigkill_then_resume_finishes_the_same_schedule(tmp_path, smoke_images):
     assert steps[-1] == 24 and set(range(killed_at + 1, 25)) <= set(steps)
 
 
-def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys, monkeypatch):
-    """Interrupting right after a checkpoint and resuming gives the same weights as one uninterrupted run."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(tmp_path, smoke_images, capsys, monkeypatch, workers):
+    """Interrupting in the middle of an epoch, right after a checkpoint, and resuming gives the same weights as
+    one uninterrupted run, with loader workers too; with workers the result does not depend on their number."""
     import torch
 
     from reid_ssl.checkpoint import BackgroundSaver
@@ -202,6 +204,7 @@ def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys, monkeyp
         "train.checkpoint_every_steps=3",
         "--json",
         "model.multires=false",
+        f"data.num_workers={workers}",
     ]
     cli_json(capsys, ["train", *common, f"train.out_dir={tmp_path / 'a'}"])
 
@@ -220,6 +223,11 @@ def test_resume_is_exact_without_workers(tmp_path, smoke_images, capsys, monkeyp
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["backbone"]["state_dict"]
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["backbone"]["state_dict"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    if workers:  # one worker takes every sample that two shared: the same views, the same weights
+        one = [*common[:-1], "data.num_workers=1"]
+        cli_json(capsys, ["train", *one, f"train.out_dir={tmp_path / 'c'}"])
+        c = load_checkpoint(tmp_path / "c" / "checkpoint.pt")["backbone"]["state_dict"]
+        assert all(torch.allclose(a[k].float(), c[k].float(), atol=1e-5) for k in a)
 
 
 @pytest.mark.parametrize("gather", ["false", "true"])
