@@ -88,16 +88,12 @@ def time_reference(cfg: Config, warmup: int) -> dict[str, Any]:
 
 def time_loader(cfg: Config, batches: int) -> float:
     """Images per second of the training data loader alone (two augmented views per image)."""
-    from torch.utils.data import DataLoader
-
     from reid_ssl.data.augment import two_view_dataset
     from reid_ssl.data.sampler import EpochSampler
+    from reid_ssl.train.feed import view_loader
 
     dataset = two_view_dataset(cfg.data, cfg.augment)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, 0)
-    loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers
-    )
+    loader = view_loader(dataset, EpochSampler(len(dataset), cfg.train.batch_size, 0), cfg.data.num_workers)
     it = iter(loader)
     next(it)  # worker start-up is not part of the rate
     t, n = time.perf_counter(), 0

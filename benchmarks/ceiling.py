@@ -13,6 +13,7 @@ the real loop should span whole epochs, so per-epoch costs such as loader start-
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import tempfile
@@ -112,24 +113,26 @@ def breakdown(cfg: Config, steps: int, warmup: int, repeats: int) -> dict[str, A
     ``synthetic``. What the real loop adds beyond ``augment`` (logging, checkpoints) is the difference between
     ``augment`` and :func:`real_rate`.
     """
-    from torch.utils.data import DataLoader
 
     from reid_ssl.data.augment import two_view_dataset
+    from reid_ssl.data.sampler import EpochSampler
     from reid_ssl.data.ssl_sources import bag_stats
     from reid_ssl.losses import loss_from_config
+    from reid_ssl.train.feed import view_loader
     from reid_ssl.train.state import resolve_deputy_window
 
     s = _Stepper(cfg)
     dataset = two_view_dataset(cfg.data, cfg.augment)
     loss_cfg, _ = resolve_deputy_window(cfg, bag_stats(dataset.items), cfg.train.batch_size - 1)
     criterion = loss_from_config(loss_cfg)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers)  # fmt: skip
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
+    loader = view_loader(dataset, sampler, cfg.data.num_workers)  # the trainer's loader
     pool = [(b[0], b[1]) for _, b in zip(range(8), loader, strict=False)]
     views = [torch.randn(s.shape, device=s.device) for _ in range(2)]
 
     def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # the loader's batches, epoch after epoch
-        while True:
+        for epoch in itertools.count(1):
+            sampler.set_epoch(epoch)
             for batch in loader:
                 yield batch[0], batch[1]
 

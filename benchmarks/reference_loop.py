@@ -63,27 +63,20 @@ def reference_loop(
     """
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
-    from torch.utils.data import DataLoader
 
     from reid_ssl.checkpoint import make_preprocess
     from reid_ssl.data.augment import two_view_dataset
-    from reid_ssl.data.sampler import EpochSampler, SeededSamples
+    from reid_ssl.data.sampler import EpochSampler
     from reid_ssl.embedder import Embedder, resolve_device
     from reid_ssl.optim import build_optimizer, warmup_cosine_lr
+    from reid_ssl.train.feed import view_loader
 
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     dataset = two_view_dataset(cfg.data, cfg.augment)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
-    loader = DataLoader(  # the trainer's sampling and per-sample seeding: with workers, the very same views
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=SeededSamples(sampler) if cfg.data.num_workers else sampler,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
+    # the trainer's loader (sampling, per-sample seeding with workers): the very same views
+    loader = view_loader(dataset, sampler, cfg.data.num_workers, device.type == "cuda")
     steps_per_epoch = sampler.batches_per_epoch()
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, max_steps) if max_steps else total

@@ -58,8 +58,8 @@ class SeededSamples(Sampler[SampleKey]):
         self.epochs = epochs
 
     def __iter__(self) -> Iterator[SampleKey]:
-        s = self.epochs
-        return ((s.seed, s.epoch, i) for i in s)
+        seed, epoch = self.epochs.seed, self.epochs.epoch  # fixed with the order, as the iterator starts
+        return ((seed, epoch, i) for i in self.epochs)
 
     def __len__(self) -> int:
         return len(self.epochs)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from reid_ssl.config import Config
-from reid_ssl.data.augment import two_view_dataset, view_pair
+from reid_ssl.data.augment import TwoViewDataset, two_view_dataset, view_pair
 from reid_ssl.data.sampler import EpochSampler, SeededSamples
 from reid_ssl.data.shards import ShardStream
 from reid_ssl.data.ssl_sources import BagStats, bag_stats
@@ -57,6 +57,30 @@ def lower_worker_priority(worker_id: int) -> None:
     if LOADER_WORKER_NICE:
         with contextlib.suppress(OSError):
             os.nice(LOADER_WORKER_NICE)
+
+
+def view_loader(
+    dataset: TwoViewDataset, sampler: EpochSampler, workers: int, pin_memory: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:  # fmt: skip
+    """The training DataLoader over ``dataset`` in ``sampler``'s order, batches of ``sampler.batch_size``.
+
+    In-process (``workers`` 0) the views draw from the global random streams; with workers every sample is
+    seeded from its (seed, epoch, index) key (:class:`~reid_ssl.data.sampler.SeededSamples`) and the workers
+    stay alive across epochs, at a lower CPU priority (:func:`lower_worker_priority`). The trainer's feed,
+    the reference loop and the benchmarks that time the loader all build it here.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=SeededSamples(sampler) if workers else sampler,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        generator=generator,
+        worker_init_fn=lower_worker_priority,
+    )
 
 
 class Feed(Protocol):
@@ -103,20 +127,9 @@ class FileFeed:
         # alive across epochs (restarted every epoch, the GPU check's loop reached 0.44 of its ceiling with
         # 16-step epochs against 0.68 inside one long epoch: docs/results.md section 12). The loader's own
         # generator keeps epoch starts from drawing from the global streams.
-        workers = cfg.data.num_workers
         self.rng = torch.Generator()
         self.seed, self.rank, self.batch = cfg.train.seed, d.rank, cfg.train.batch_size
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=cfg.train.batch_size,
-            sampler=SeededSamples(self.sampler) if workers else self.sampler,
-            drop_last=True,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=device.type == "cuda",
-            generator=self.rng,
-            worker_init_fn=lower_worker_priority,
-        )
+        self.loader = view_loader(self.dataset, self.sampler, cfg.data.num_workers, device.type == "cuda", self.rng)
 
     def smallest_batch(self, n: int) -> None:
         pass  # every batch is full (drop_last)

@@ -77,3 +77,7 @@ def test_a_seeded_key_gives_views_that_depend_on_the_key_alone(tmp_path):
     epochs = EpochSampler(8, 2, seed=7)
     epochs.set_epoch(3, start_batch=1)
     assert list(SeededSamples(epochs)) == [(7, 3, i) for i in epochs] and len(SeededSamples(epochs)) == 6
+    live = iter(SeededSamples(epochs))
+    next(live)
+    epochs.set_epoch(4)  # a running epoch keeps its number with its order
+    assert {key[1] for key in live} == {3}
