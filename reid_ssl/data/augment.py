@@ -188,8 +188,8 @@ def seed_sample(seed: int, epoch: int, index: int) -> None:
     """Seed this process's Python and torch random streams from (run seed, epoch, image index)."""
     state = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
     random.seed(state)
-    # the CPU generator alone: torch.manual_seed would also queue a CUDA seeding in a process without CUDA
-    # (a loader worker of a CPU run), which cost ~0.4 ms per sample; the views use only the CPU generator
+    # the CPU generator alone: torch.manual_seed would also queue a CUDA seeding (with a stack trace) in a
+    # process without CUDA, e.g. a loader worker of a CPU run, for every sample; the views use the CPU one only
     torch.default_generator.manual_seed(state)
 
 
