@@ -113,7 +113,6 @@ def breakdown(cfg: Config, steps: int, warmup: int, repeats: int) -> dict[str, A
     ``synthetic``. What the real loop adds beyond ``augment`` (logging, checkpoints) is the difference between
     ``augment`` and :func:`real_rate`.
     """
-
     from reid_ssl.data.augment import two_view_dataset
     from reid_ssl.data.sampler import EpochSampler
     from reid_ssl.data.ssl_sources import bag_stats

@@ -158,14 +158,10 @@ def part_eval_faiss(dry: bool, device: torch.device) -> dict[str, Any]:
 
     try:  # the GPU image may lack FAISS altogether; the feature and evaluator checks still run
         from reid_ssl.index.gallery import GalleryIndex, GalleryItem, gpu_available
-    except ImportError as e:
-        GalleryIndex = GalleryItem = None  # type: ignore[assignment,misc]
-        faiss_missing = f"FAISS is not importable here ({e})"
 
-        def gpu_available() -> bool:
-            return False
-    else:
-        faiss_missing = "faiss-gpu is not installed or sees no GPU (faiss-cpu only)"
+        faiss_gpu, why_not = gpu_available(), "faiss-gpu is not installed or sees no GPU (faiss-cpu only)"
+    except ImportError as e:
+        faiss_gpu, why_not = False, f"FAISS is not importable here ({e})"
 
     n, (h, w) = (64, (32, 16)) if dry else (2048, (128, 64))
     torch.manual_seed(0)
@@ -189,10 +185,10 @@ def part_eval_faiss(dry: bool, device: torch.device) -> dict[str, Any]:
         "max_abs_diff_vs_cpu": diff,
         "rank1": float(ranked["cmc"][0]),
         "mAP": float(ranked["mAP"]),
-        "faiss_gpu": gpu_available(),
+        "faiss_gpu": faiss_gpu,
     }
     ok = diff < 2e-3
-    if gpu_available() and GalleryIndex is not None and GalleryItem is not None:
+    if faiss_gpu:
         info = {"fingerprint": "gpu-check", "preprocess": {}, "feature_dim": feats.shape[1], "flip": True}
         idx = GalleryIndex.create({**info, "checkpoint": None}, "flat", use_gpu=True)
         idx.add(feats[g], [GalleryItem(path=f"/g/{i}.jpg", pid=int(p), camid=1) for i, p in enumerate(pids[g])])
@@ -203,9 +199,9 @@ def part_eval_faiss(dry: bool, device: torch.device) -> dict[str, Any]:
         out["recall_at_10"] = float(np.mean(recall))
         ok = ok and out["recall_at_10"] == 1.0
     else:
-        out["not_run"] = {"faiss_gpu": faiss_missing}
+        out["not_run"] = {"faiss_gpu": why_not}
     out["ok"] = ok
-    print(f"  eval: {rate:.0f} img/s on {device}, |gpu - cpu| {diff:.1e}; faiss-gpu {gpu_available()}", flush=True)
+    print(f"  eval: {rate:.0f} img/s on {device}, |gpu - cpu| {diff:.1e}; faiss-gpu {faiss_gpu}", flush=True)
     return out
 
 
@@ -269,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             "eval_faiss": lambda: part_eval_faiss(dry, device),
             "ddp": lambda: part_ddp(dry, folder),
         }
+        out = report.out_path(args.out, dry, "gpu_check")
         for name in args.parts:
             run_part(name, todo[name], parts)
-            out = report.out_path(args.out, dry, "gpu_check")
             if out:  # a check cut short by a time limit keeps the parts that finished
                 write_json(out, {**result, "parts": parts, "finished": False})
     for name in todo:

@@ -125,11 +125,11 @@ class FileFeed:
         # restores. Workers get (seed, epoch, index) keys and seed every sample from its key, so the views are
         # the same whatever the number of workers and wherever a resumed run restarts; the workers then stay
         # alive across epochs (restarted every epoch, the GPU check's loop reached 0.44 of its ceiling with
-        # 16-step epochs against 0.68 inside one long epoch: docs/results.md section 12). The loader's own
-        # generator keeps epoch starts from drawing from the global streams.
-        self.rng = torch.Generator()
-        self.seed, self.rank, self.batch = cfg.train.seed, d.rank, cfg.train.batch_size
-        self.loader = view_loader(self.dataset, self.sampler, cfg.data.num_workers, device.type == "cuda", self.rng)
+        # 16-step epochs against 0.68 inside one long epoch: docs/results.md section 12). A private generator
+        # keeps epoch starts from drawing from the global streams; no view depends on its state.
+        self.batch = cfg.train.batch_size
+        workers, pin = cfg.data.num_workers, device.type == "cuda"
+        self.loader = view_loader(self.dataset, self.sampler, workers, pin, torch.Generator())
 
     def smallest_batch(self, n: int) -> None:
         pass  # every batch is full (drop_last)
@@ -140,7 +140,6 @@ class FileFeed:
     def start(self, epoch: int, state: dict[str, Any]) -> tuple[int, int]:
         done = int(state.get("batch_in_epoch", 0))
         self.sampler.set_epoch(epoch, done)
-        self.rng.manual_seed(self.seed * 100_003 + epoch * 101 + self.rank)
         left = self.sampler.batches_per_epoch() - done
         return left, left
 
