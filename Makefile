@@ -11,7 +11,14 @@ TEST_APT := chromium chromium-driver dataset-fashion-mnist
 
 .PHONY: demo test install install-test apt-test data app lint clean-runs
 
+# A new .venv holds ~6.8 GB (torch's CUDA build and its nvidia-* wheels, which also run on the CPU) and pip
+# needs room for the downloads besides: stop before pip fills the disk halfway. MIN_FREE_GB=0 skips the check.
+MIN_FREE_GB ?= 8
+
 $(BIN)/python:
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0 if free >= $(MIN_FREE_GB) else f'make: {free:.1f} GB free on this disk; a new $(VENV) (torch, CUDA wheels, ' \
+	'test tools) needs about $(MIN_FREE_GB) GB. Free some space, or run with MIN_FREE_GB=0 to try anyway.')"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
