@@ -6,7 +6,8 @@ the primary metric, and kNN; bank: 1,000 training images per class; test: the fu
 Arms: BYOL, truncated triplet (ranks 2..10), truncated triplet with ``loss.k=auto`` (the Bernoulli rule), and
 BYOL at 2x BYOL's learning rate. A learning-rate pilot per arm (seed 100, 200 steps), then seeds 0, 1, 2. Floors:
 raw pixels and the untrained network (seeds 0..5). The decision rule (R1 speed, R2 end point, R3 area, the
-semantic-learning gate and the step-size control) is :func:`verdict`. PETS09 (phase 2): 24 epochs, mAP.
+semantic-learning gate and the step-size control) is :func:`verdict`. PETS09 (phase 2): 840 steps (40 epochs of
+its 1,346 crops), mAP.
 
 Every run resumes from its last checkpoint when the command is started again, and finished runs are reused,
 so a killed experiment continues where it stopped (``nohup ... &`` and start it again). ``--report`` writes the

@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ NULLABLE = {
 SMOKE_TIMEOUT_S = 600  # every smoke starts at once: on 2 cores the last ones wait for the others
 
 
-def _scripts() -> dict[str, list[str]]:
+def _scripts(tmp: Path) -> dict[str, list[str]]:
     datasets = "fashion-mnist,pets09" if HAVE_PETS09 else "fashion-mnist"
     scripts = {
         "efficiency": ["--datasets", datasets],
@@ -62,7 +61,7 @@ def _scripts() -> dict[str, list[str]]:
         scripts["precision"] = []
         scripts["calibration"] = []
     if (REPO / "data" / "vtest.avi").is_file():
-        scripts["own_footage"] = ["--work-dir", str(Path(tempfile.mkdtemp()) / "own_footage")]
+        scripts["own_footage"] = ["--work-dir", str(tmp / "own_footage")]
     if not HAVE_LIGHTLY:
         del scripts["peer_lightly"], scripts["throughput"]
     return scripts
@@ -76,7 +75,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     procs = {}
-    for name, extra in _scripts().items():
+    for name, extra in _scripts(tmp).items():
         out = tmp / f"{name}.json"
         cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--smoke", "--out", str(out), *extra]
         log = (tmp / f"{name}.log").open("w")
