@@ -191,12 +191,6 @@ def area(steps: list[int], values: list[float]) -> float:
     return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
 
 
-def best_trained(steps: list[int], values: list[float]) -> float:
-    """The best value at a training step >= 1: step 0 is the untrained network, which has learned nothing (the
-    same reading as R1's), so a curve does not pass the raw-pixel floor through its starting point."""
-    return max(v for st, v in zip(steps, values, strict=True) if st >= 1)
-
-
 def verdict(t: list[dict], ref: list[dict], metric: str, bound: int, raw: float, planned: int = 0) -> dict[str, Any]:
     """The pre-registered rule for triplet runs ``t`` against reference runs ``ref`` (paired by seed). With fewer
     paired seeds than the ``planned`` ones, the verdict reads "incomplete" (what the rule says so far follows)."""
@@ -212,7 +206,7 @@ def verdict(t: list[dict], ref: list[dict], metric: str, bound: int, raw: float,
     auc = {x: area(steps, t_by[x]["metrics"][metric]) - area(steps, ref_by[x]["metrics"][metric]) for x in seeds}
     r1 = reach is not None and reach <= bound
     r2, r3 = all(d > 0 for d in end.values()), all(d > 0 for d in auc.values())
-    semantic = best_trained(steps, t_mean) > raw
+    semantic = stats.best_trained(steps, t_mean) > raw
     holds = r1 and r2 and r3 and semantic
     text = "holds" if holds else ("no semantic learning yet" if not semantic else "does not hold")
     if len(seeds) < planned:
@@ -245,7 +239,7 @@ def summarize(s: Setting, by_arm: dict[str, list[dict]], floor: dict[str, Any]) 
             "curves": curves,
             "final": {m: stats.mean_spread([r["metrics"][m][-1] for r in rs]) for m in metrics},
             "area": {m: stats.mean_spread([area(steps, r["metrics"][m]) for r in rs]) for m in metrics},
-            "passes_raw_pixels": best_trained(steps, curves[s.primary]["mean"]) > floor["raw_pixels"][s.primary],
+            "passes_raw_pixels": stats.best_trained(steps, curves[s.primary]["mean"]) > floor["raw_pixels"][s.primary],
             "runs": rs,
         }
     bound = (2 * s.steps // 3) // s.every * s.every

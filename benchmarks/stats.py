@@ -39,6 +39,12 @@ def first_epoch_reaching(epochs: Sequence[int], values: Sequence[float | None], 
     return None
 
 
+def best_trained(epochs: Sequence[int], values: Sequence[float]) -> float:
+    """The best value at a training epoch (or step) >= 1: as in :func:`first_epoch_reaching`, epoch 0 is the
+    untrained network, so a curve does not pass a floor through its starting point."""
+    return max(v for e, v in zip(epochs, values, strict=True) if e >= 1)
+
+
 def steady_rate(step_end: Sequence[float], batch: int, warmup: int) -> float | None:
     """Images per second between the end of step ``warmup`` and the last step (None if too few steps)."""
     if len(step_end) < warmup + 2:
